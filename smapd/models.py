@@ -1,0 +1,126 @@
+"""Leaf data carried between the stages: states, chunks, segments, transcripts.
+
+Frozen dataclasses only; no behaviour beyond small derived properties. Times are seconds from the
+start of the input file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class JobState(str, Enum):
+    """Where a dropped file is. In the spool each state is also a directory."""
+
+    INBOX = "inbox"
+    PROCESSING = "processing"
+    ARCHIVE = "archive"
+    FAILED = "failed"
+
+
+class ChunkStatus(str, Enum):
+    OK = "ok"
+    FAILED = "failed"
+
+
+class Outcome(str, Enum):
+    """How a job ended."""
+
+    SUCCESS = "success"  # every chunk transcribed (or no speech at all)
+    PARTIAL = "partial"  # some chunks failed; outputs written with the gaps marked
+    FAILED = "failed"  # nothing transcribed, or the input is bad
+
+
+@dataclass(frozen=True)
+class Word:
+    start: float
+    end: float
+    text: str
+    probability: float = 0.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One stretch of recognised text, already shifted to file time."""
+
+    start: float
+    end: float
+    text: str
+    words: tuple[Word, ...] = ()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A slice of the decoded audio that one engine slot transcribes in one go.
+
+    ``speech`` lists the VAD speech spans inside the chunk (file time), used to place cues when the
+    engine gives no timestamps of its own.
+    """
+
+    index: int
+    start: float
+    end: float
+    speech: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What happened to one chunk: its segments, or the error that ended its last attempt."""
+
+    chunk: Chunk
+    status: ChunkStatus
+    attempts: int
+    seconds: float
+    segments: tuple[Segment, ...] = ()
+    error: str | None = None
+    worker: str | None = None
+
+    @property
+    def chars(self) -> int:
+        return sum(len(s.text) for s in self.segments)
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What decoding learned about the input."""
+
+    duration: float  # seconds of decoded audio
+    sample_rate: int  # of the source stream
+    channels: int  # of the source stream
+    codec: str
+    container: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """The merged result of one file."""
+
+    segments: tuple[Segment, ...]
+    chunks: tuple[ChunkResult, ...]
+    language: str | None
+    language_probability: float | None
+    audio: AudioInfo
+    speech_seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text.strip() for s in self.segments if s.text.strip())
+
+    @property
+    def chunks_ok(self) -> int:
+        return sum(1 for c in self.chunks if c.status is ChunkStatus.OK)
+
+    @property
+    def success_rate(self) -> float:
+        return 100.0 * self.chunks_ok / len(self.chunks) if self.chunks else 100.0
+
+    @property
+    def outcome(self) -> Outcome:
+        if not self.chunks or self.chunks_ok == len(self.chunks):
+            return Outcome.SUCCESS
+        return Outcome.PARTIAL if self.chunks_ok else Outcome.FAILED
