@@ -78,6 +78,7 @@ class ChunkResult:
     segments: tuple[Segment, ...] = ()
     error: str | None = None
     worker: str | None = None
+    cpu_seconds: float = 0.0
 
     @property
     def chars(self) -> int:
@@ -106,6 +107,7 @@ class Transcript:
     audio: AudioInfo
     speech_seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    warning: str | None = None  # e.g. decoding stopped early on a truncated file
 
     @property
     def text(self) -> str:

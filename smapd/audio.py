@@ -1,0 +1,251 @@
+"""Decode any audio FFmpeg reads to 16 kHz mono, and cut it into chunks at silences.
+
+Decoding streams through PyAV into one int16 buffer (2 bytes a sample: a 3-hour file is 345 MB,
+a quarter of float32 audio held twice); chunks are converted to float32 one at a time. The VAD
+(the Silero model that faster-whisper bundles) runs over the buffer in blocks, so the float32
+copy it needs never exceeds one block.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from smapd.errors import PermanentJobError
+from smapd.models import AudioInfo, Chunk
+
+RATE = 16000
+FRAME = 512  # samples per VAD window (32 ms at 16 kHz)
+_VAD_BLOCK = RATE * 600  # VAD in 10-minute blocks: bounded float32 memory
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """16 kHz mono int16 samples and what the container said about them."""
+
+    samples: np.ndarray
+    info: AudioInfo
+    warning: str | None = None  # decoding stopped early (truncated / corrupt tail)
+
+    def float32(self, start: float, end: float) -> np.ndarray:
+        """The samples between two times (seconds) as float32 in [-1, 1]."""
+        a, b = int(start * RATE), int(end * RATE)
+        return self.samples[a:b].astype(np.float32) / 32768.0
+
+
+def _open_error(path: Path, e: Exception) -> PermanentJobError:
+    text = getattr(e, "strerror", None) or str(e)
+    return PermanentJobError(f"not a readable audio or video file (FFmpeg: {text})")
+
+
+def decode(path: Path, *, max_seconds: float = float("inf")) -> Decoded:
+    """Decode ``path`` to 16 kHz mono int16.
+
+    Raises:
+        PermanentJobError: the file is missing, unreadable, empty, not media, has no audio track,
+            has no samples, or is longer than ``max_seconds``.
+    """
+    import av  # PyAV ships with faster-whisper; imported here so the CLI starts fast
+
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise PermanentJobError(f"{path}: no such file") from None
+    except PermissionError:
+        raise PermanentJobError(f"{path}: permission denied (cannot read the file)") from None
+    except OSError as e:
+        raise PermanentJobError(f"{path}: cannot read ({e.strerror})") from e
+    if size == 0:
+        raise PermanentJobError("the file is empty (0 bytes)")
+
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.FFmpegError as e:
+        raise _open_error(path, e) from e
+    except (OSError, ValueError) as e:
+        raise _open_error(path, e) from e
+    with container:
+        if not container.streams.audio:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise PermanentJobError(f"the file has no audio track (streams: {', '.join(kinds)})")
+        stream = container.streams.audio[0]
+        ctx = stream.codec_context
+        info = AudioInfo(duration=0.0, sample_rate=int(ctx.sample_rate or 0), channels=int(ctx.channels or 0),
+                         codec=str(ctx.name), container=str(container.format.name))
+        # Pre-size the buffer from the container's claim, capped: a tiny file may claim days.
+        claimed = float(container.duration or 0) / 1e6 if container.duration else 0.0
+        cap = min(claimed if claimed > 0 else 600.0, max_seconds if max_seconds < float("inf") else 4 * 3600)
+        buf = np.empty(int(cap * RATE) + RATE, dtype=np.int16)
+        n = 0
+        warning = None
+        limit = int(max_seconds * RATE) if max_seconds < float("inf") else None
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+
+        def put(frames: list) -> None:
+            nonlocal buf, n
+            for f in frames:
+                arr = f.to_ndarray().reshape(-1)
+                if n + len(arr) > len(buf):
+                    grown = np.empty(max(len(buf) * 2, n + len(arr)), dtype=np.int16)
+                    grown[:n] = buf[:n]
+                    buf = grown
+                buf[n:n + len(arr)] = arr
+                n += len(arr)
+
+        try:
+            for frame in container.decode(stream):
+                put(resampler.resample(frame))
+                if limit is not None and n > limit:
+                    raise PermanentJobError(
+                        f"the audio is longer than SMAPD_MAX_DURATION_SECONDS={max_seconds:g} s")
+            put(resampler.resample(None))
+        except PermanentJobError:
+            raise
+        except (av.FFmpegError, ValueError, OSError) as e:
+            # Truncated or corrupt tail: keep what decoded, say so in the report.
+            warning = f"decoding stopped at {n / RATE:.1f} s: {e}"
+        if n == 0:
+            if warning:
+                raise PermanentJobError(f"no audio could be decoded ({warning.split(': ', 1)[1]})")
+            raise PermanentJobError("the file contains no audio samples")
+    samples = buf[:n] if n > len(buf) // 2 else buf[:n].copy()
+    info = AudioInfo(duration=n / RATE, sample_rate=info.sample_rate, channels=info.channels,
+                     codec=info.codec, container=info.container)
+    return Decoded(samples=samples, info=info, warning=warning)
+
+
+# --- VAD ---------------------------------------------------------------------------------------
+
+def speech_probabilities(samples: np.ndarray) -> np.ndarray:
+    """Silero VAD speech probability for every 32 ms frame of the audio."""
+    from faster_whisper.vad import get_vad_model  # lru_cached: loaded once per process
+
+    model = get_vad_model()
+    probs = []
+    for start in range(0, len(samples), _VAD_BLOCK):
+        block = samples[start:start + _VAD_BLOCK].astype(np.float32) / 32768.0
+        block = np.pad(block, (0, (-len(block)) % FRAME))
+        probs.append(np.asarray(model(block), dtype=np.float32).reshape(-1))
+    return np.concatenate(probs) if probs else np.zeros(0, dtype=np.float32)
+
+
+def speech_regions(probs: np.ndarray, *, threshold: float = 0.5, min_silence: float = 0.25,
+                   min_speech: float = 0.1) -> list[tuple[float, float]]:
+    """Stretches of speech (seconds) from frame probabilities, with hysteresis.
+
+    A region starts at a frame >= ``threshold`` and ends after ``min_silence`` seconds below
+    ``threshold - 0.15`` (Silero's own rule); regions shorter than ``min_speech`` are dropped.
+    """
+    step = FRAME / RATE
+    low = max(threshold - 0.15, 0.01)
+    need_quiet = max(1, int(min_silence / step))
+    regions: list[tuple[float, float]] = []
+    start = None
+    quiet = 0
+    for i, p in enumerate(probs):
+        if start is None:
+            if p >= threshold:
+                start, quiet = i, 0
+        elif p < low:
+            quiet += 1
+            if quiet >= need_quiet:
+                end = i - quiet + 1
+                if (end - start) * step >= min_speech:
+                    regions.append((start * step, end * step))
+                start = None
+        else:
+            quiet = 0
+    if start is not None and (len(probs) - start) * step >= min_speech:
+        regions.append((start * step, len(probs) * step))
+    return regions
+
+
+# --- chunking ----------------------------------------------------------------------------------
+
+def _quietest_cut(samples: np.ndarray, probs: np.ndarray, lo: float, hi: float) -> float:
+    """The time in [lo, hi] least likely to be speech (ties: lowest energy)."""
+    a, b = int(lo * RATE / FRAME), max(int(lo * RATE / FRAME) + 1, int(hi * RATE / FRAME))
+    p = probs[a:b]
+    frames = samples[a * FRAME:b * FRAME].astype(np.float32)
+    count = len(frames) // FRAME
+    if count == 0:
+        return hi
+    energy = np.sqrt(np.mean((frames[:count * FRAME].reshape(count, FRAME) / 32768.0) ** 2, axis=1))
+    score = np.convolve(p[:count], np.ones(3) / 3, mode="same") + energy / (energy.max() + 1e-9) * 0.01
+    return (a + int(np.argmin(score))) * FRAME / RATE + FRAME / RATE / 2
+
+
+def silence_chunks(samples: np.ndarray, limit: float, *, pad: float = 0.4,
+                   probs: np.ndarray | None = None) -> list[Chunk]:
+    """Pack speech into chunks of at most ``limit`` seconds, cutting only in silences.
+
+    Silence between chunks is skipped (it holds nothing to transcribe and tempts Whisper to
+    hallucinate); silence inside a chunk is kept, so a chunk is one natural stretch of talk.
+    One stretch of speech longer than ``limit`` is cut at its quietest point.
+    """
+    duration = len(samples) / RATE
+    if probs is None:
+        probs = speech_probabilities(samples)
+    regions = speech_regions(probs)
+    pieces: list[tuple[float, float]] = []
+    for s, e in regions:  # split over-long speech at its quietest points
+        while e - s > limit - 2 * pad:
+            cut = _quietest_cut(samples, probs, s + (limit - 2 * pad) / 2, s + limit - 2 * pad)
+            pieces.append((s, cut))
+            s = cut
+        pieces.append((s, e))
+
+    chunks: list[Chunk] = []
+    group: list[tuple[float, float]] = []
+
+    def close() -> None:
+        start = max(0.0, group[0][0] - pad)
+        end = min(duration, group[-1][1] + pad)
+        if chunks and start < chunks[-1].end:  # padding must not overlap the previous chunk
+            start = chunks[-1].end
+        chunks.append(Chunk(index=len(chunks) + 1, start=round(start, 3), end=round(end, 3),
+                            speech=tuple((round(a, 3), round(b, 3)) for a, b in group)))
+
+    for s, e in pieces:
+        if group and e + pad - max(0.0, group[0][0] - pad) > limit:
+            close()
+            group = []
+        group.append((s, e))
+    if group:
+        close()
+    return chunks
+
+
+def fixed_chunks(duration: float, limit: float) -> list[Chunk]:
+    """SMAP's fixed cuts every ``limit`` seconds (SMAPD_VAD=false): cuts may fall inside words."""
+    out = []
+    start = 0.0
+    while start < duration - 0.05:
+        end = min(duration, start + limit)
+        out.append(Chunk(index=len(out) + 1, start=round(start, 3), end=round(end, 3), speech=((start, end),)))
+        start = end
+    return out
+
+
+def speech_prefix(decoded: Decoded, chunks: list[Chunk], seconds: float = 30.0) -> np.ndarray:
+    """Up to ``seconds`` of speech from the start of the file, for language detection."""
+    parts: list[np.ndarray] = []
+    total = 0
+    for chunk in chunks:
+        for s, e in chunk.speech:
+            take = min(e - s, seconds - total / RATE)
+            if take <= 0:
+                break
+            parts.append(decoded.float32(s, s + take))
+            total += len(parts[-1])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def iter_chunk_audio(decoded: Decoded, chunks: list[Chunk]) -> Iterator[tuple[Chunk, np.ndarray]]:
+    for chunk in chunks:
+        yield chunk, decoded.float32(chunk.start, chunk.end)

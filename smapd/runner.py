@@ -1,0 +1,183 @@
+"""One job end to end: pipeline -> writers -> (for the daemon) spool.complete / spool.fail.
+
+``JobConfig`` is built from Settings at the edge (cli, daemon) and carries plain values, so the
+pipeline never reads the environment. ``execute`` is shared by ``smapd transcribe`` and the
+daemon: it returns the rendered outputs and the report; the caller decides where they go.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from loguru import logger
+
+from smapd import pipeline, writers
+from smapd.engine import EngineSpec
+from smapd.errors import ConfigError, PermanentJobError
+from smapd.model import EMBEDDED, EMBEDDED_NAME, download_named, resolve_model
+from smapd.models import Outcome, Transcript
+from smapd.pool import Pool
+from smapd.settings import Settings, plan_workers
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything a job needs, derived once from Settings."""
+
+    engine: EngineSpec
+    workers: int
+    pipeline: pipeline.PipelineOptions
+    formats: tuple[str, ...]
+    words: bool
+    chunk_timeout: float
+    chunk_retries: int
+    max_file_bytes: int
+    worker_max_chunks: int = 0
+    worker_max_rss_mb: int = 0
+    model_label: str = ""
+    plan_reason: str = ""
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> JobConfig:
+        """Resolve the model (assembling the embedded one if needed) and split the machine."""
+        plan = plan_workers(s)
+        if s.engine == "command":
+            model = s.model if s.model != EMBEDDED else ""
+            label = s.model
+        else:
+            model = resolve_model(s.model, s.model_cache)
+            if not Path(model).is_dir():
+                model = download_named(model, s.model_cache)
+            label = f"whisper-base (embedded, {EMBEDDED_NAME})" if s.model == EMBEDDED else s.model
+        device = s.device
+        if device == "auto":
+            device = "cuda" if _cuda_available() else "cpu"
+        spec = EngineSpec(kind=s.engine, model=model, device=device,
+                          compute_type=s.compute_type if device == "cpu" or s.compute_type != "int8"
+                          else "int8_float16",
+                          cpu_threads=plan.cpu_threads, command=s.command)
+        return cls(
+            engine=spec, workers=plan.workers,
+            pipeline=pipeline.PipelineOptions(
+                language=s.language, task=s.task, beam_size=s.beam_size, vad=s.vad,
+                chunk_seconds=s.chunk_seconds, max_seconds=s.max_duration_seconds),
+            formats=s.format_list, words=s.word_timestamps, chunk_timeout=s.chunk_timeout_seconds,
+            chunk_retries=s.chunk_retries, max_file_bytes=s.max_file_bytes,
+            worker_max_chunks=s.worker_max_chunks, worker_max_rss_mb=s.worker_max_rss_mb,
+            model_label=label, plan_reason=plan.reason)
+
+    def make_pool(self) -> Pool:
+        return Pool(self.engine, self.workers, chunk_timeout=self.chunk_timeout, retries=self.chunk_retries,
+                    max_chunks=self.worker_max_chunks, max_rss_mb=self.worker_max_rss_mb)
+
+    def engine_info(self) -> dict[str, Any]:
+        return {"name": self.engine.kind, "model": self.model_label, "device": self.engine.device,
+                "compute_type": self.engine.compute_type if self.engine.kind != "command" else None,
+                "workers": self.workers, "cpu_threads": self.engine.cpu_threads,
+                "beam_size": self.pipeline.beam_size, "chunk_seconds": self.pipeline.chunk_seconds,
+                "chunk_timeout": self.chunk_timeout, "vad": self.pipeline.vad,
+                "command": self.engine.command or None}
+
+
+def _cuda_available() -> bool:
+    try:
+        import ctranslate2
+
+        return ctranslate2.get_cuda_device_count() > 0
+    except Exception:  # noqa: BLE001 - no CUDA runtime at all
+        return False
+
+
+@dataclass
+class JobResult:
+    """What ``execute`` produced: rendered outputs (empty when failed) and the report."""
+
+    outcome: Outcome
+    files: dict[str, bytes]
+    report: dict[str, Any]
+    error: str | None
+    transcript: Transcript | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cpu_now() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def execute(path: Path, pool: Pool, config: JobConfig, *, job: dict[str, Any], display_name: str | None = None,
+            outputs: Callable[[tuple[str, ...]], dict[str, str]] | None = None,
+            on_progress: Callable[[pipeline.Progress], None] | None = None) -> JobResult:
+    """Transcribe ``path`` and render its outputs and report. Never raises for bad input.
+
+    Args:
+        path: The input file.
+        pool: A started pool.
+        config: The job's options.
+        job: ``id``, ``attempt``, ``node`` and the like, recorded in the report.
+        display_name: The name to report (the original name of a claimed file).
+        outputs: Maps the suffixes to publish to file names, for the report's ``outputs``.
+        on_progress: Progress callback, passed to the pipeline.
+    """
+    name = display_name or path.name
+    started, cpu0 = time.monotonic(), _cpu_now()
+    transcript: Transcript | None = None
+    error: str | None = None
+    size: int | None = None
+    digest: str | None = None
+    try:
+        size = path.stat().st_size
+        if config.max_file_bytes and size > config.max_file_bytes:
+            raise PermanentJobError(
+                f"the file is {size:,} bytes, over SMAPD_MAX_FILE_BYTES={config.max_file_bytes:,}")
+        digest = sha256_of(path) if size else None
+        transcript = pipeline.run(path, pool, config.pipeline, job=name, on_progress=on_progress)
+    except PermanentJobError as e:
+        error = str(e)
+    except OSError as e:
+        error = f"cannot read the file: {e.strerror or e}"
+    wall = time.monotonic() - started
+    chunk_cpu = sum(c.cpu_seconds for c in transcript.chunks) if transcript else 0.0
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, pool.max_worker_rss_mb)
+    totals = {"wall_seconds": wall, "cpu_seconds": _cpu_now() - cpu0 + chunk_cpu, "peak_rss_mb": peak}
+    outcome = transcript.outcome if transcript and error is None else Outcome.FAILED
+    if transcript is not None and outcome is Outcome.FAILED and error is None:
+        errors = sorted({c.error or "unknown error" for c in transcript.chunks})
+        error = f"no chunk could be transcribed ({len(transcript.chunks)} failed): {'; '.join(errors)}"[:600]
+    files = writers.render(transcript, config.formats, config.words) \
+        if transcript is not None and outcome is not Outcome.FAILED else {}
+    names = outputs(tuple(files)) if outputs else {suffix: Path(name).stem + suffix for suffix in files}
+    if transcript is not None and transcript.warning:
+        job = {**job, "warning": transcript.warning}
+    report = writers.build_report(
+        transcript, input_path=name, input_size=size, input_sha256=digest, job=job,
+        engine=config.engine_info(), totals=totals, outputs=names if files else {}, error=error)
+    log = logger.bind(job=name)
+    if outcome is Outcome.FAILED:
+        log.error("{}: failed: {}", name, report["error"])
+    else:
+        t = report["totals"]
+        log.info("{}: {} in {:.1f}s ({:.1f}x real time), {} chars, language {}. Success rate: {:.1f}% ({}/{})",
+                 name, outcome.value, wall, t["real_time_factor"] or 0.0, len(transcript.text) if transcript else 0,
+                 transcript.language if transcript else "-", t["success_rate"], t["chunks_ok"],
+                 t["chunks_ok"] + t["chunks_failed"])
+    return JobResult(outcome=outcome, files=files, report=report, error=report["error"], transcript=transcript)
+
+
+def check_config(config: JobConfig) -> None:
+    """Fail early, before any job, when the engine cannot start (used by ``smapd check``)."""
+    if config.engine.kind == "faster-whisper" and not Path(config.engine.model).is_dir():
+        raise ConfigError(f"model directory {config.engine.model} does not exist")

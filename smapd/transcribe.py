@@ -1,0 +1,89 @@
+"""``smapd transcribe FILE...``: the daemon's pipeline from a terminal, outputs into a directory."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from loguru import logger
+
+from smapd import writers
+from smapd.errors import SmapdError
+from smapd.logs import setup_logging
+from smapd.models import Outcome
+from smapd.pipeline import Progress
+from smapd.runner import JobConfig, execute
+from smapd.settings import load_settings
+
+
+def _progress_bar(name: str) -> tuple[Callable[[Progress], None], Callable[[], None]]:
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(p: Progress) -> None:
+        if p.kind == "planned":
+            bar["t"] = tqdm(total=p.total, desc=name[:30], unit="chunk", file=sys.stderr, dynamic_ncols=True)
+        elif p.kind == "finished" and "t" in bar:
+            bar["t"].update(1)
+            if p.result is not None:
+                bar["t"].set_postfix_str(f"chunk {p.result.chunk.index}: {p.result.seconds:.1f}s")
+
+    def close() -> None:
+        if "t" in bar:
+            bar["t"].close()
+
+    return update, close
+
+
+def transcribe_files(files: list[Path], out_dir: Path, overrides: dict[str, Any], *, progress: str = "auto",
+                     quiet: bool = False) -> int:
+    """Transcribe each file into ``out_dir``; the exit code of the worst outcome."""
+    settings = load_settings(**overrides)
+    use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+    setup_logging("WARNING" if quiet or use_bar else settings.log_level, settings.log_format)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SmapdError(f"cannot create the output directory {out_dir}: {e.strerror}") from e
+    config = JobConfig.from_settings(settings)
+    logger.info("smapd transcribe: engine {}, model {}, {} workers x {} threads ({}), CHUNK_TIMEOUT={:g}s",
+                config.engine.kind, config.model_label, config.workers, config.engine.cpu_threads,
+                config.plan_reason, config.chunk_timeout)
+    worst = 0
+    with config.make_pool() as pool:
+        for path in files:
+            update, close = _progress_bar(path.name) if use_bar else (None, lambda: None)
+            started = time.monotonic()
+            try:
+                result = execute(path, pool, config, job={"id": None, "attempt": 1, "node": settings.node},
+                                 on_progress=update)
+            finally:
+                close()
+            stem = path.stem or path.name
+            written = writers.publish(out_dir, stem, result.files, result.report)
+            code = {Outcome.SUCCESS: 0, Outcome.PARTIAL: 3, Outcome.FAILED: 1}[result.outcome]
+            worst = code if code == 1 or worst == 0 else max(worst, code) if worst != 1 else worst
+            t = result.report["totals"]
+            if result.outcome is Outcome.FAILED:
+                print(f"smapd: {path}: {result.error}", file=sys.stderr)
+            elif not quiet:
+                print(f"{path}: {result.outcome.value} in {time.monotonic() - started:.1f}s "
+                      f"({t['real_time_factor']}x real time), success rate {t['success_rate']:.1f}% "
+                      f"({t['chunks_ok']}/{t['chunks_ok'] + t['chunks_failed']}), language "
+                      f"{result.report['language']['code']} -> {', '.join(str(p) for p in written.values())}",
+                      file=sys.stderr)
+    return worst
+
+
+def check() -> int:
+    """Validate the settings and start the engine once (model load), for ``smapd check``."""
+    settings = load_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    config = JobConfig.from_settings(settings)
+    with config.make_pool():
+        pass
+    print(f"ok: engine {config.engine.kind}, model {config.model_label} ({config.engine.model}), "
+          f"{config.workers} workers x {config.engine.cpu_threads} threads ({config.plan_reason})")
+    return 0
