@@ -167,57 +167,76 @@ def speech_regions(probs: np.ndarray, *, threshold: float = 0.5, min_silence: fl
 
 # --- chunking ----------------------------------------------------------------------------------
 
-def _quietest_cut(samples: np.ndarray, probs: np.ndarray, lo: float, hi: float) -> float:
-    """The time in [lo, hi] least likely to be speech (ties: lowest energy)."""
+def _cut_point(probs: np.ndarray, lo: float, hi: float) -> float:
+    """The time in [lo, hi] least likely to be inside speech, preferring later cuts (fuller chunks).
+
+    Probabilities are smoothed over ~1 s so the middle of a long pause scores lower than a short
+    dip inside a sentence.
+    """
     a, b = int(lo * RATE / FRAME), max(int(lo * RATE / FRAME) + 1, int(hi * RATE / FRAME))
-    p = probs[a:b]
-    frames = samples[a * FRAME:b * FRAME].astype(np.float32)
-    count = len(frames) // FRAME
-    if count == 0:
+    p = probs[max(0, a - 16):b + 16]
+    smooth = np.convolve(p, np.ones(31) / 31, mode="same")[a - max(0, a - 16):][:b - a]
+    if len(smooth) == 0:
         return hi
-    energy = np.sqrt(np.mean((frames[:count * FRAME].reshape(count, FRAME) / 32768.0) ** 2, axis=1))
-    score = np.convolve(p[:count], np.ones(3) / 3, mode="same") + energy / (energy.max() + 1e-9) * 0.01
-    return (a + int(np.argmin(score))) * FRAME / RATE + FRAME / RATE / 2
+    score = smooth + 0.02 * (1.0 - np.arange(len(smooth)) / len(smooth))
+    return (a + int(np.argmin(score)) + 0.5) * FRAME / RATE
 
 
-def silence_chunks(samples: np.ndarray, limit: float, *, pad: float = 0.4,
-                   probs: np.ndarray | None = None) -> list[Chunk]:
-    """Pack speech into chunks of at most ``limit`` seconds, cutting only in silences.
+def _live_stretches(probs: np.ndarray, duration: float, *, dead: float = 3.0, quiet: float = 0.05,
+                    pad: float = 0.3) -> list[tuple[float, float]]:
+    """The audio minus stretches of at least ``dead`` seconds where the VAD hears nothing at all.
 
-    Silence between chunks is skipped (it holds nothing to transcribe and tempts Whisper to
-    hallucinate); silence inside a chunk is kept, so a chunk is one natural stretch of talk.
-    One stretch of speech longer than ``limit`` is cut at its quietest point.
+    Only near-certain silence is skipped: Silero scores quiet or noisy speech (a babble-noise clip,
+    a soft voice) well below its 0.5 threshold, so cutting away everything under 0.5 loses words.
+    """
+    step = FRAME / RATE
+    need = max(1, int(dead / step))
+    stretches: list[tuple[float, float]] = []
+    start = 0.0
+    run = 0
+    for i, p in enumerate(np.append(probs, 1.0)):  # sentinel closes a trailing run
+        if p < quiet:
+            run += 1
+            continue
+        if run >= need:
+            s_dead, e_dead = (i - run) * step + pad, i * step - pad
+            if s_dead > start:
+                stretches.append((start, s_dead))
+            start = e_dead
+        run = 0
+    if start < duration:
+        stretches.append((start, duration))
+    return [(round(a, 3), round(min(b, duration), 3)) for a, b in stretches if min(b, duration) - a > 0.1]
+
+
+def silence_chunks(samples: np.ndarray, limit: float, *, probs: np.ndarray | None = None) -> list[Chunk]:
+    """Cut the audio into chunks of at most ``limit`` seconds, at the quietest points.
+
+    A file in which the VAD finds no speech at all gives no chunks (nothing to transcribe, nothing
+    for Whisper to hallucinate). Otherwise every stretch of audio is covered except long dead
+    silences, and each cut falls where speech is least likely (mid-pause), never inside speech
+    unless one stretch of speech runs longer than ``limit``.
     """
     duration = len(samples) / RATE
     if probs is None:
         probs = speech_probabilities(samples)
     regions = speech_regions(probs)
-    pieces: list[tuple[float, float]] = []
-    for s, e in regions:  # split over-long speech at its quietest points
-        while e - s > limit - 2 * pad:
-            cut = _quietest_cut(samples, probs, s + (limit - 2 * pad) / 2, s + limit - 2 * pad)
-            pieces.append((s, cut))
-            s = cut
-        pieces.append((s, e))
-
+    if not regions:
+        return []
+    live = _live_stretches(probs, duration)
     chunks: list[Chunk] = []
-    group: list[tuple[float, float]] = []
-
-    def close() -> None:
-        start = max(0.0, group[0][0] - pad)
-        end = min(duration, group[-1][1] + pad)
-        if chunks and start < chunks[-1].end:  # padding must not overlap the previous chunk
-            start = chunks[-1].end
-        chunks.append(Chunk(index=len(chunks) + 1, start=round(start, 3), end=round(end, 3),
-                            speech=tuple((round(a, 3), round(b, 3)) for a, b in group)))
-
-    for s, e in pieces:
-        if group and e + pad - max(0.0, group[0][0] - pad) > limit:
-            close()
-            group = []
-        group.append((s, e))
-    if group:
-        close()
+    start = live[0][0] if live else duration
+    while start < duration - 0.05:
+        end = duration if duration - start <= limit else _cut_point(probs, start + limit / 2, start + limit)
+        # Trim the chunk to live audio: a dead silence at its edges is not worth a decoder's time.
+        inside = [(max(a, start), min(b, end)) for a, b in live if b > start and a < end]
+        speech = tuple((round(max(a, start), 3), round(min(b, end), 3)) for a, b in regions
+                       if b > start and a < end)
+        if inside and speech:  # audio without any confident speech is noise: skip it
+            chunks.append(Chunk(index=len(chunks) + 1, start=round(inside[0][0], 3),
+                                end=round(inside[-1][1], 3), speech=speech))
+        later = [a for a, b in live if b > end]
+        start = max(end, later[0]) if later else duration
     return chunks
 
 

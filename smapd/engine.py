@@ -103,19 +103,43 @@ class FasterWhisperEngine:
         token, prob = self.model.model.detect_language(encoder_output)[0][0]
         return token[2:-2], float(prob)
 
-    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> list[Segment]:
+    def transcribe(self, audio: np.ndarray, options: DecodeOptions,
+                   speech: tuple[tuple[float, float], ...] = ()) -> list[Segment]:
+        """Decode one chunk; ``speech`` (chunk-relative VAD spans) lets us catch a decoder that stops early.
+
+        Without timestamp tokens Whisper sometimes ends its output at a long pause and drops the
+        rest of the window (or skips a sentence). Where the VAD hears >= 1 s of speech that no
+        aligned word covers, that stretch is decoded again as its own window (at most twice).
+        """
+        duration = len(audio) / 16000
+        words, text, language = self._decode_window(audio, options, options.language)
+        texts = [text]
+        for _ in range(2):
+            gap = _uncovered_speech(words, speech, duration)
+            if gap is None:
+                break
+            a, b = gap
+            part, text, language = self._decode_window(audio[int(a * 16000):int(b * 16000)], options, language)
+            part = [Word(round(w.start + a, 3), round(min(w.end + a, b), 3), w.text, w.probability) for w in part]
+            if not part:
+                break
+            words = sorted([w for w in words if w.end <= a or w.start >= b] + part, key=lambda w: w.start)
+            texts.append(text)
+        return _words_to_segments(_clamp_long_words(words), " ".join(texts), duration)
+
+    def _decode_window(self, audio: np.ndarray, options: DecodeOptions,
+                       language: str | None) -> tuple[list[Word], str, str]:
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens, merge_punctuations
 
         encoder_output, frames = self._encode(audio)
-        language = options.language
         if language is None:
             language = self.model.model.detect_language(encoder_output)[0][0][0][2:-2]
         tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual,
                               task=options.task, language=language)
         prompt = self.model.get_prompt(tokenizer, [], without_timestamps=True)
         suppress = get_suppressed_tokens(tokenizer, (-1,))
-        best: tuple[float, list[int], float] | None = None
+        best: tuple[float, list[int]] | None = None
         # Whisper's temperature fallback: re-decode when the text loops or is improbable.
         for temperature in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
             sampling = {"beam_size": options.beam_size, "patience": 1.0} if temperature == 0 else {
@@ -126,24 +150,45 @@ class FasterWhisperEngine:
             tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
             if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
-                return []  # Whisper's own silence rule: no speech, say nothing
-            text = tokenizer.decode(tokens)
-            ratio = get_compression_ratio(text.strip())
-            if best is None or (ratio <= 2.4 and avg_logprob > best[0]):
-                best = (avg_logprob, tokens, ratio)
-            if ratio <= 2.4 and avg_logprob >= -1.0:
+                return [], "", language  # Whisper's own silence rule: no speech, say nothing
+            looping = get_compression_ratio(tokenizer.decode(tokens).strip()) > 2.4
+            if best is None or (not looping and avg_logprob > best[0]):
+                best = (avg_logprob if not looping else -1e9, tokens)
+            if not looping and avg_logprob >= -1.0:
                 break
         assert best is not None
         tokens = best[1]
         if not tokens:
-            return []
+            return [], "", language
         duration = len(audio) / 16000
         alignment = self.model.find_alignment(tokenizer, [tokens], encoder_output, frames)[0]
         merge_punctuations(alignment, _PREPEND, _APPEND)
         words = [Word(round(float(a["start"]), 3), round(float(min(a["end"], duration)), 3), a["word"],
                       round(float(a["probability"]), 3))
                  for a in alignment if a["word"]]
-        return _words_to_segments(_clamp_long_words(words), tokenizer.decode(tokens), duration)
+        return words, tokenizer.decode(tokens), language
+
+
+def _uncovered_speech(words: list[Word], speech: tuple[tuple[float, float], ...],
+                      duration: float) -> tuple[float, float] | None:
+    """The longest stretch of VAD speech (>= 1 s) that no word covers, widened to word boundaries."""
+    covered = [(w.start - 0.4, w.end + 0.4) for w in words]
+    best: tuple[float, float] | None = None
+    for s, e in speech:
+        t = s
+        for cs, ce in covered:  # words are in time order
+            if ce <= t or cs >= e:
+                continue
+            if cs > t and (best is None or cs - t > best[1] - best[0]):
+                best = (t, cs)
+            t = max(t, ce)
+        if e > t and (best is None or e - t > best[1] - best[0]):
+            best = (t, e)
+    if best is None or best[1] - best[0] < 1.0:
+        return None
+    before = [w.end for w in words if w.end <= best[0] + 0.4]
+    after = [w.start for w in words if w.start >= best[1] - 0.4]
+    return (max(before[-1] if before else 0.0, best[0] - 0.3), min(after[0] if after else duration, duration))
 
 
 def _clamp_long_words(words: list[Word]) -> list[Word]:

@@ -318,8 +318,9 @@ class Pool:
                    on_start: Callable[[Chunk, str], None] | None = None) -> Future:
         """Future of a ChunkResult (never raises: failures are results with status FAILED)."""
         fut: Future = Future()
-        self._queue.put(_Task(job, "transcribe", lambda: {"audio": audio(), "options": options}, fut,
-                              chunk=chunk, on_start=on_start))
+        speech = tuple((round(s - chunk.start, 3), round(e - chunk.start, 3)) for s, e in chunk.speech)
+        self._queue.put(_Task(job, "transcribe", lambda: {"audio": audio(), "options": options, "speech": speech},
+                              fut, chunk=chunk, on_start=on_start))
         return fut
 
     def cancel_job(self, job: str) -> None:

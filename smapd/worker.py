@@ -91,7 +91,7 @@ def serve(rfd: int, wfd: int) -> None:
             if kind == "detect":
                 result: Any = engine.detect_language(payload["audio"])
             elif kind == "transcribe":
-                result = engine.transcribe(payload["audio"], payload["options"])
+                result = engine.transcribe(payload["audio"], payload["options"], payload.get("speech", ()))
             else:
                 raise ValueError(f"unknown request {kind!r}")
             reply = ("ok", result)
