@@ -114,9 +114,43 @@ def decode(path: Path, *, max_seconds: float = float("inf")) -> Decoded:
                 raise PermanentJobError(f"no audio could be decoded ({warning.split(': ', 1)[1]})")
             raise PermanentJobError("the file contains no audio samples")
     samples = buf[:n] if n > len(buf) // 2 else buf[:n].copy()
+    if not samples.flags.writeable:
+        samples = samples.copy()
     info = AudioInfo(duration=n / RATE, sample_rate=info.sample_rate, channels=info.channels,
                      codec=info.codec, container=info.container)
     return Decoded(samples=samples, info=info, warning=warning)
+
+
+# --- loudness ----------------------------------------------------------------------------------
+
+def level_speech(samples: np.ndarray, *, target: float = 0.05, max_gain: float = 50.0,
+                 window: float = 0.1, hold: float = 0.75) -> None:
+    """Raise quiet stretches towards ``target`` RMS, in place (never lowers anything).
+
+    Whisper's log-mel features keep only 80 dB below the loudest point of a 30 s window, and
+    Silero scores quiet speech after loud speech low: a soft voice next to a loud one (a quiet
+    clip at -60 dBFS beside one at -27 dBFS, measured on our test clips) vanished from both. The
+    gain follows a slow envelope (the loudest 0.1 s frame within +-``hold`` s) so it never pumps
+    inside a word, and is capped at ``max_gain`` (34 dB) so near-silence stays near-silent.
+    """
+    step = int(window * RATE)
+    n = len(samples) // step
+    if n == 0:
+        return
+    frames = samples[:n * step].reshape(n, step).astype(np.float32) / 32768.0
+    rms = np.sqrt(np.mean(frames * frames, axis=1))
+    del frames
+    k = max(1, int(hold / window))
+    padded = np.pad(rms, k, mode="edge")
+    envelope = np.lib.stride_tricks.sliding_window_view(padded, 2 * k + 1).max(axis=1)
+    gain = np.clip(target / np.maximum(envelope, 1e-9), 1.0, max_gain)
+    if np.all(gain <= 1.0001):
+        return
+    centers = (np.arange(n) + 0.5) * step
+    for start in range(0, len(samples), _VAD_BLOCK):
+        block = samples[start:start + _VAD_BLOCK]
+        g = np.interp(np.arange(start, start + len(block), dtype=np.float64), centers, gain).astype(np.float32)
+        samples[start:start + len(block)] = np.clip(block.astype(np.float32) * g, -32768, 32767).astype(np.int16)
 
 
 # --- VAD ---------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     t0 = time.monotonic()
 
     decoded = audio.decode(path, max_seconds=options.max_seconds)
+    audio.level_speech(decoded.samples)
     timings["decode_seconds"] = round(time.monotonic() - t0, 3)
     if decoded.warning:
         log.warning("{}: {}", job, decoded.warning)

@@ -1,0 +1,193 @@
+"""`smapd transcribe` end to end: the real model on real speech, real files, real processes.
+
+Accuracy is judged against faster-whisper's own sequential whole-file transcription of the same
+recording, measured in the same test, so a machine where the model is worse is not a failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import helpers
+
+pytestmark = pytest.mark.slow
+
+
+def smapd(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+          cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smapd.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def base_env(model_cache_dir: Path, model_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMAPD_") and k not in (
+        "MAX_PARALLEL_WORKERS", "USE_PARALLEL_TRANSCRIPTION", "MAX_CONCURRENT_JOBS", "CHUNK_TIMEOUT")}
+    env["SMAPD_MODEL_CACHE"] = str(model_cache_dir)
+    return env
+
+
+@pytest.fixture(scope="session")
+def longform_run(tmp_path_factory: pytest.TempPathFactory, longform, base_env) -> dict:
+    """smapd transcribe on the long-form recording, once per session (outputs + log)."""
+    out = tmp_path_factory.mktemp("longform-out")
+    started = time.monotonic()
+    proc = smapd("transcribe", str(longform.path), "-o", str(out), env=base_env)
+    wall = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stem = longform.path.stem
+    return {"out": out, "stem": stem, "log": proc.stderr, "wall": wall,
+            "report": helpers.load_json(out / f"{stem}.report.json")}
+
+
+@pytest.fixture(scope="session")
+def sequential_text(longform, model_dir: Path) -> str:
+    """faster-whisper's plain sequential whole-file transcription: the accuracy baseline."""
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=os.cpu_count() or 1)
+    segments, _ = model.transcribe(str(longform.path), beam_size=5)
+    return " ".join(s.text for s in segments)
+
+
+def test_longform_wer_matches_sequential(longform, longform_run, sequential_text):
+    ours = (longform_run["out"] / f"{longform_run['stem']}.txt").read_text()
+    ours_wer = helpers.wer(longform.reference_text, ours)
+    seq_wer = helpers.wer(longform.reference_text, sequential_text)
+    print(f"WER chunked parallel {ours_wer:.2%} vs sequential whole-file {seq_wer:.2%}")
+    assert ours_wer <= seq_wer + 0.015, f"chunked WER {ours_wer:.2%} vs sequential {seq_wer:.2%}"
+    assert ours_wer < 0.25  # sanity: real speech was really recognised
+
+
+def test_srt_cues_follow_the_speech(longform, longform_run):
+    cues = helpers.parse_srt((longform_run["out"] / f"{longform_run['stem']}.srt").read_text())
+    assert cues, "no cues"
+    recalls = [helpers.word_recall(span["text"], helpers.cue_words_in_span(cues, span["start"], span["end"]))
+               for span in longform.spans]
+    mean_recall = sum(recalls) / len(recalls)
+    short = sum(1 for s, e, _ in cues if e - s <= 12.0) / len(cues)
+    print(f"clip recall in cues (+-1 s): {mean_recall:.1%}; cues <= 12 s: {short:.1%} of {len(cues)}")
+    assert mean_recall >= 0.90
+    assert short >= 0.95
+    for (s1, e1, _), (s2, _, _) in zip(cues, cues[1:]):
+        assert s1 < e1 <= s2 + 1e-3, "cues overlap or run backwards"
+    for _, _, text in cues:
+        lines = text.split("\n")
+        assert len(lines) <= 2 and all(len(line) <= 42 for line in lines), text
+
+
+def test_outputs_report_and_progress_lines(longform, longform_run):
+    out, stem, report = longform_run["out"], longform_run["stem"], longform_run["report"]
+    for suffix in (".txt", ".srt", ".vtt", ".json", ".report.json"):
+        assert (out / f"{stem}{suffix}").stat().st_size > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
+    assert (out / f"{stem}.vtt").read_text().startswith("WEBVTT")
+    data = json.loads((out / f"{stem}.json").read_text())
+    assert data["segments"] and all(s["end"] >= s["start"] for s in data["segments"])
+    assert report["outcome"] == "success"
+    assert report["input"]["name"] == longform.path.name
+    assert report["input"]["sha256"] and len(report["input"]["sha256"]) == 64
+    assert abs(report["input"]["duration"] - longform.duration) < 0.1
+    assert report["language"]["code"] == "en" and report["language"]["probability"] > 0.5
+    assert report["engine"]["name"] == "faster-whisper" and report["engine"]["compute_type"] == "int8"
+    assert report["engine"]["workers"] >= 1
+    n = len(report["chunks"])
+    assert n >= 6, "a 4.5-minute recording in 30 s chunks"
+    assert all(c["status"] == "ok" and c["attempts"] == 1 for c in report["chunks"])
+    assert all(c["end"] - c["start"] <= 30.0 + 1e-6 for c in report["chunks"])
+    totals = report["totals"]
+    assert totals["success_rate"] == 100.0 and totals["chunks_ok"] == n
+    assert totals["wall_seconds"] > 0 and totals["cpu_seconds"] > 0 and totals["peak_rss_mb"] > 50
+    assert totals["real_time_factor"] > 1.0
+    log = longform_run["log"]  # not a TTY: SMAP-style lines
+    assert f"[1/{n}] Transcribing chunk 1 (" in log
+    assert f"Progress: {n}/{n} (100.0%)" in log
+    assert "Completed in " in log and " chars" in log
+    assert f"Success rate: 100.0% ({n}/{n})" in log
+
+
+def test_chunk_cuts_never_fall_inside_a_clip(longform, longform_run):
+    """Silence-aware chunks: every cut lies in a pause between clips (all clips here are < 30 s)."""
+    cuts = [c["start"] for c in longform_run["report"]["chunks"][1:]]
+    for cut in cuts:
+        inside = [s for s in longform.spans if s["start"] + 0.3 < cut < s["end"] - 0.3]
+        assert not inside, f"cut at {cut} s falls inside {inside[0]['file']}"
+
+
+def test_formats_and_sample_rates_and_channels(tmp_path, data_dir, base_env):
+    """mp3, 8 kHz, 48 kHz 6-channel 24-bit, float WAV, opus: the same words come out."""
+    src = data_dir / "librispeech-2412-153948-0000.flac"
+    ref = next(r["reference_text"] for r in helpers.read_manifest() if r["file"] == src.name)
+    variants = [
+        helpers.write_speech_variant(src, tmp_path / "v8k.wav", rate=8000),
+        helpers.write_speech_variant(src, tmp_path / "v48k6ch.wav", rate=48000, channels=6, sample_format="s24"),
+        helpers.write_speech_variant(src, tmp_path / "vfloat.wav", rate=22050, channels=2, sample_format="f32"),
+        helpers.encode_audio(src, tmp_path / "vopus.ogg", "libopus", rate=48000),
+        data_dir / "ljspeech-LJ001-0005.mp3",
+    ]
+    out = tmp_path / "out"
+    proc = smapd("transcribe", *map(str, variants), "-o", str(out), "--language", "en", env=base_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for v in variants[:4]:
+        text = (out / f"{v.stem}.txt").read_text()
+        assert helpers.wer(ref, text) < 0.2, (v.name, text)
+        report = helpers.load_json(out / f"{v.stem}.report.json")
+        assert report["outcome"] == "success"
+    assert helpers.load_json(out / "v48k6ch.report.json")["input"]["channels"] == 6
+
+
+def test_language_is_detected_once_on_speech(tmp_path, data_dir, base_env):
+    """A Spanish clip after 20 s of silence: detection runs on the speech, not the silent intro."""
+    clip = data_dir / "fleurs-es-002.ogg"
+    ref = next(r["reference_text"] for r in helpers.read_manifest() if r["file"] == clip.name)
+    wav = tmp_path / "late_spanish.wav"
+    lf = helpers.make_longform([(clip, ref)], wav, lead_silence=20.0)
+    out = tmp_path / "out"
+    proc = smapd("transcribe", str(wav), "-o", str(out), env=base_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = helpers.load_json(out / "late_spanish.report.json")
+    assert report["language"]["code"] == "es", report["language"]
+    assert helpers.wer(lf.reference_text, (out / "late_spanish.txt").read_text()) < 0.35
+    assert report["chunks"][0]["start"] >= 15.0, "the silent intro was fed to the decoder"
+
+
+def test_translate_task(tmp_path, data_dir, base_env):
+    out = tmp_path / "out"
+    proc = smapd("transcribe", str(data_dir / "fleurs-es-002.ogg"), "-o", str(out), "--task", "translate",
+                 "--formats", "txt", env=base_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (out / "fleurs-es-002.txt").read_text().lower()
+    assert sum(w in text.split() for w in ("the", "and", "of", "is", "to", "in", "a")) >= 2, text
+    assert not (out / "fleurs-es-002.srt").exists()
+
+
+def test_sequential_mode_and_fixed_cuts(tmp_path, data_dir, base_env):
+    """USE_PARALLEL_TRANSCRIPTION=false gives one slot with all cores; SMAPD_VAD=false SMAP's fixed cuts."""
+    clip = data_dir / "librispeech-1320-122617-0001.flac"
+    env = dict(base_env, USE_PARALLEL_TRANSCRIPTION="false", SMAPD_VAD="false", SMAPD_CHUNK_SECONDS="5")
+    out = tmp_path / "out"
+    proc = smapd("transcribe", str(clip), "-o", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = helpers.load_json(out / f"{clip.stem}.report.json")
+    assert report["engine"]["workers"] == 1 and report["engine"]["cpu_threads"] == (os.cpu_count() or 1)
+    starts = [c["start"] for c in report["chunks"]]
+    assert starts == [5.0 * i for i in range(len(starts))] and len(starts) == 3
+
+
+def test_word_timestamps_in_json(tmp_path, data_dir, base_env):
+    out = tmp_path / "out"
+    clip = data_dir / "ljspeech-LJ001-0001.wav"
+    proc = smapd("transcribe", str(clip), "-o", str(out), "--word-timestamps", "true", env=base_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = helpers.load_json(out / f"{clip.stem}.json")
+    words = [w for s in data["segments"] for w in s["words"]]
+    assert len(words) > 10
+    assert all(s["start"] - 1e-3 <= w["start"] <= w["end"] <= s["end"] + 1e-3
+               for s in data["segments"] for w in s["words"])
+    assert words[-1]["end"] <= 9.7 + 0.2  # the clip is 9.66 s long
