@@ -8,6 +8,7 @@ copy it needs never exceeds one block.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +42,33 @@ def _open_error(path: Path, e: Exception) -> PermanentJobError:
     return PermanentJobError(f"not a readable audio or video file (FFmpeg: {text})")
 
 
+def check_file(path: Path) -> int:
+    """The size of ``path`` if it is a regular file we can read; never opens a FIFO or a device.
+
+    Raises:
+        PermanentJobError: missing, not a regular file, or unreadable.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise PermanentJobError("no such file") from None
+    except OSError as e:
+        raise PermanentJobError(f"cannot read the file ({e.strerror})") from e
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
+            "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        raise PermanentJobError(f"is {kind}, not a regular file")
+    size = st.st_size
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise PermanentJobError("permission denied (cannot read the file)") from None
+    except OSError as e:
+        raise PermanentJobError(f"cannot read the file ({e.strerror})") from e
+    return size
+
+
 def decode(path: Path, *, max_seconds: float = float("inf")) -> Decoded:
     """Decode ``path`` to 16 kHz mono int16.
 
@@ -50,16 +78,7 @@ def decode(path: Path, *, max_seconds: float = float("inf")) -> Decoded:
     """
     import av  # PyAV ships with faster-whisper; imported here so the CLI starts fast
 
-    try:
-        size = os.stat(path).st_size
-        with open(path, "rb"):
-            pass
-    except FileNotFoundError:
-        raise PermanentJobError(f"{path}: no such file") from None
-    except PermissionError:
-        raise PermanentJobError(f"{path}: permission denied (cannot read the file)") from None
-    except OSError as e:
-        raise PermanentJobError(f"{path}: cannot read ({e.strerror})") from e
+    size = check_file(path)
     if size == 0:
         raise PermanentJobError("the file is empty (0 bytes)")
 

@@ -62,10 +62,13 @@ def verify_embedded(directory: Path) -> None:
 def ensure_embedded(cache_dir: Path) -> Path:
     """Return the directory of the embedded model, assembling it into ``cache_dir`` if needed."""
     target = cache_dir / EMBEDDED_NAME
-    if (target / _MARKER).is_file():
-        if (target / "model.bin").stat().st_size == MODEL_BIN_SIZE:
-            return target
-        raise ModelError(f"{target}/model.bin changed size since it was verified: delete {target} to rebuild")
+    try:
+        if (target / _MARKER).is_file():
+            if (target / "model.bin").stat().st_size == MODEL_BIN_SIZE:
+                return target
+            raise ModelError(f"{target}/model.bin changed size since it was verified: delete {target} to rebuild")
+    except OSError as e:
+        raise ModelError(f"cannot read the model cache {target}: {e.strerror}") from e
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=cache_dir))

@@ -66,6 +66,10 @@ class ProcessSlot:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "smapd.worker"], pass_fds=(to_child_r, from_child_w), env=env,
                 stdin=subprocess.DEVNULL, start_new_session=True)  # own process group: killpg reaches all
+        except OSError as e:
+            os.close(from_child_r)
+            os.close(to_child_w)
+            raise ConfigError(f"cannot start worker {self.name} ({sys.executable}): {e.strerror}") from e
         finally:
             os.close(to_child_r)
             os.close(from_child_w)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from smapd import pipeline, writers
+from smapd import audio, pipeline, writers
 from smapd.engine import EngineSpec
 from smapd.errors import ConfigError, PermanentJobError
 from smapd.model import EMBEDDED, EMBEDDED_NAME, download_named, resolve_model
@@ -139,7 +139,7 @@ def execute(path: Path, pool: Pool, config: JobConfig, *, job: dict[str, Any], d
     size: int | None = None
     digest: str | None = None
     try:
-        size = path.stat().st_size
+        size = audio.check_file(path)
         if config.max_file_bytes and size > config.max_file_bytes:
             raise PermanentJobError(
                 f"the file is {size:,} bytes, over SMAPD_MAX_FILE_BYTES={config.max_file_bytes:,}")
