@@ -1,0 +1,188 @@
+"""The test helpers themselves: a wrong WER or SRT parser would make every accuracy test meaningless."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import wave
+from pathlib import Path
+
+import av
+import helpers as h
+import pytest
+
+
+def test_normalize() -> None:
+    assert h.normalize("  Hello, World!  ") == "hello world"
+    assert h.normalize("Don't STOP—the whole-number ratio: 3:2.") == "dont stop the whole number ratio 32"
+    assert h.normalize("Concentró   AQUÍ\n") == "concentró aquí"
+    assert h.normalize("") == ""
+
+
+@pytest.mark.parametrize(("ref", "hyp", "expected"), [
+    ("the cat sat", "the cat sat", 0.0),
+    ("The cat sat.", "the CAT, sat", 0.0),
+    ("the cat sat", "the sat", 1 / 3),  # deletion
+    ("the cat sat", "the cat sat down", 1 / 3),  # insertion
+    ("the cat sat", "a cat sat", 1 / 3),  # substitution
+    ("a b c d", "", 1.0),
+    ("a b", "x y z w", 2.0),  # WER can exceed 1
+    ("", "", 0.0),
+    ("", "hello", 1.0),
+])
+def test_wer(ref: str, hyp: str, expected: float) -> None:
+    assert h.wer(ref, hyp) == pytest.approx(expected)
+
+
+def test_word_errors_sum_to_corpus_wer() -> None:
+    pairs = [("a b c d", "a b c d"), ("e f", "e x")]
+    edits = sum(h.word_errors(r, x)[0] for r, x in pairs)
+    words = sum(h.word_errors(r, x)[1] for r, x in pairs)
+    assert (edits, words) == (1, 6)
+
+
+def test_word_recall_ignores_order_and_counts_repeats() -> None:
+    assert h.word_recall("the dog and the cat", "cat the dog and") == pytest.approx(4 / 5)
+    assert h.word_recall("", "anything") == 1.0
+
+
+SRT = ("\ufeff1\r\n00:00:01,000 --> 00:00:03,500\r\nHello there,\r\nworld.\r\n\r\n"
+       "2\r\n01:02:03,040 --> 01:02:04,000\r\nSecond cue\r\n")
+
+
+def test_parse_srt() -> None:
+    assert h.parse_srt(SRT) == [(1.0, 3.5, "Hello there, world."), (3723.04, 3724.0, "Second cue")]
+    assert h.parse_srt("") == []
+
+
+def test_parse_vtt() -> None:
+    vtt = ("WEBVTT\n\n00:01.000 --> 00:02.250\n<v Speaker>Hi</v>\n\n"
+           "note-id\n00:00:03.000 --> 00:00:04.000 align:start\nBye\n")
+    assert h.parse_vtt(vtt) == [(1.0, 2.25, "Hi"), (3.0, 4.0, "Bye")]
+    with pytest.raises(ValueError):
+        h.parse_vtt(SRT)
+
+
+def test_manifest_matches_the_data_dir(manifest: list[dict[str, str]], data_dir: Path) -> None:
+    files = {r["file"] for r in manifest}
+    on_disk = {p.name for p in data_dir.iterdir() if p.suffix in {".wav", ".flac", ".mp3", ".ogg"}}
+    assert files == on_disk
+    english = [r for r in manifest if r["language"] == "en"]
+    assert len(english) >= 8
+    assert {Path(r["file"]).suffix for r in english} >= {".wav", ".flac", ".mp3", ".ogg"}
+    for r in manifest:
+        assert r["reference_text"].strip(), r["file"]
+        duration = h.audio_info(data_dir / r["file"])["duration"]
+        assert duration == pytest.approx(float(r["seconds"]), abs=0.1), r["file"]
+
+
+def test_longform_spans_match_the_audio(longform) -> None:  # type: ignore[no-untyped-def]
+    with wave.open(str(longform.path)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 16000)
+        seconds = w.getnframes() / w.getframerate()
+    assert seconds == pytest.approx(longform.duration)
+    assert 240 <= seconds <= 360
+    assert longform.spans[0]["start"] == 0.0
+    pcm = h.decode_pcm16(longform.path)
+    clips = {p.name: h.decode_pcm16(p) for p, _ in h.manifest_clips("en")}
+    prev_end = 0.0
+    for span in longform.spans:
+        assert span["start"] >= prev_end
+        prev_end = span["end"]
+        a, b = round(span["start"] * 16000), round(span["end"] * 16000)
+        # The span holds exactly that clip's samples, and silence follows it.
+        assert (pcm[a:b] == clips[span["file"]][: b - a]).all(), span
+        assert b - a == pytest.approx(len(clips[span["file"]]), abs=1)
+        assert not pcm[b: b + 4000].any()
+        assert span["start"] <= span["speech_start"] < span["speech_end"] <= span["end"]
+        assert span["speech_start"] - span["start"] < 1.0 and span["end"] - span["speech_end"] < 1.0
+    assert longform.spans[-1]["end"] <= seconds
+    gaps = [n["start"] - p["end"] for p, n in zip(longform.spans, longform.spans[1:])]
+    assert min(gaps) >= 0.29 and max(gaps) <= 8.01 and any(g >= 4.0 for g in gaps)
+    assert longform.reference_text == " ".join(s["text"] for s in longform.spans)
+    assert json.loads(longform.path.with_suffix(".json").read_text()) == longform.spans
+    assert all(a["file"] != b["file"] for a, b in zip(longform.spans, longform.spans[1:]))
+
+
+def test_make_longform_is_reproducible(tmp_path: Path) -> None:
+    clips = h.manifest_clips("en")[:3]
+    a = h.make_longform(clips, tmp_path / "a.wav", seed=3, repeat=2)
+    b = h.make_longform(clips, tmp_path / "b.wav", seed=3, repeat=2)
+    assert a == b and len(a.spans) == 6
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+
+
+@pytest.mark.parametrize("fmt", h.SAMPLE_FORMATS)
+@pytest.mark.parametrize(("channels", "rate"), [(1, 8000), (2, 44100), (6, 48000)])
+def test_speech_variants_decode(tmp_path: Path, fmt: str, channels: int, rate: int) -> None:
+    src = h.DATA_DIR / "librivox-sense_and_sensibility_01_austen_64kb-0870.wav"
+    out = h.write_speech_variant(src, tmp_path / "v.wav", rate, channels, fmt)
+    info = h.audio_info(out)
+    assert (info["rate"], info["channels"]) == (rate, channels)
+    assert info["codec"] == {"u8": "pcm_u8", "s16": "pcm_s16le", "s24": "pcm_s24le",
+                             "s32": "pcm_s32le", "f32": "pcm_f32le"}[fmt]
+    assert len(h.decode_pcm16(out)) / 16000 == pytest.approx(7.1, abs=0.01)
+
+
+def test_bad_input_makers(tmp_path: Path) -> None:
+    src = h.DATA_DIR / "librispeech-121-127105-0000.flac"
+    video = h.write_video_without_audio(tmp_path / "clip.mp4")
+    with av.open(str(video)) as c:
+        assert [s.type for s in c.streams] == ["video"]
+    for bad in (h.write_text_as(tmp_path / "list.mp3"), h.write_random_bytes(tmp_path / "noise.wav"),
+                h.write_empty(tmp_path / "empty.wav"),
+                h.write_truncated_copy(src, tmp_path / "cut.flac", 0.3)):
+        with pytest.raises(av.error.FFmpegError):
+            h.decode_pcm16(bad)
+    assert not h.decode_pcm16(h.write_silence_wav(tmp_path / "s.wav", 2.0)).any()
+    assert h.decode_pcm16(h.write_noise_wav(tmp_path / "n.wav", 2.0)).std() > 1000
+    m4a = h.encode_audio(src, tmp_path / "x.m4a", "aac")
+    assert h.audio_info(m4a)["codec"] == "aac"
+    long = h.write_long_silence_flac(tmp_path / "long.flac", 3 * 3600)
+    assert h.audio_info(long)["duration"] == pytest.approx(10800, abs=1)
+    assert long.stat().st_size < 5_000_000
+
+
+def test_sleepy_engine_dies_with_its_process_group(tools_dir: Path, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    proc = subprocess.Popen([str(tools_dir / "sleepy-engine"), "-f", "x.wav"], start_new_session=True,
+                            env={**os.environ, "SLEEPY_PID_FILE": str(pids)})
+    try:
+        assert h.wait_for(lambda: pids.exists() and pids.read_text().strip(), timeout=5)
+        parent, child = map(int, pids.read_text().split())
+        assert parent == proc.pid and os.getpgid(child) == proc.pid
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+    assert h.wait_gone(child, timeout=5)
+
+
+def test_crashy_engine_segfaults(tools_dir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "attempts"
+    result = subprocess.run([str(tools_dir / "crashy-engine"), "-f", "x.wav"], check=False, timeout=10,
+                            env={**os.environ, "CRASHY_MARKER": str(marker)})
+    assert result.returncode == -signal.SIGSEGV
+    assert len(marker.read_text().split()) == 1
+
+
+def test_sphinx_transcribe_recognises_speech(sphinx_transcribe: Path, tmp_path: Path) -> None:
+    clip, ref = next((p, t) for p, t in h.manifest_clips("en") if p.name.startswith("librispeech-1320"))
+    wav = h.write_pcm16_wav(tmp_path / "in.wav", h.decode_pcm16(clip))
+    subprocess.run([str(sphinx_transcribe), "-m", "ignored", "-f", str(wav), "-otxt",
+                    "-of", str(tmp_path / "out")],
+                   check=True, timeout=120)
+    hyp = (tmp_path / "out.txt").read_text()
+    assert h.wer(ref, hyp) < 0.5, hyp  # pocketsphinx is a weak recognizer: about 0.15 on this clip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "out.txt"]  # no temp file left
+
+
+def test_sphinx_transcribe_fails_cleanly(sphinx_transcribe: Path, tmp_path: Path) -> None:
+    wrong_rate = h.write_silence_wav(tmp_path / "in.wav", 1.0, rate=22050)
+    result = subprocess.run([str(sphinx_transcribe), "-f", str(wrong_rate), "-of", str(tmp_path / "out")],
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert not (tmp_path / "out.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav"]
