@@ -19,13 +19,19 @@ _HEADER = struct.Struct("!Q")
 
 
 def _write_all(fd: int, data: bytes, deadline: float | None) -> None:
+    # With a deadline the fd must be non-blocking: select() only promises room for one byte, and a
+    # blocking write of a 2 MB chunk to a stopped (hung) worker would wait forever.
+    os.set_blocking(fd, deadline is None)
     view = memoryview(data)
     while view:
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([], [fd], [], left)[1]:
                 raise TimeoutError("write timed out")
-        n = os.write(fd, view[:1 << 20])
+        try:
+            n = os.write(fd, view[:1 << 20])
+        except BlockingIOError:
+            continue
         view = view[n:]
 
 
