@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="progress bar on a terminal (auto), or log lines")
     t.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
+    sub.add_parser("run", help="serve the spool until stopped (the daemon; systemd runs this)")
+    st = sub.add_parser("status", help="files waiting, jobs in progress, recent failures, nodes")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--spool", type=Path, help="the spool directory (default: SMAPD_SPOOL_DIR)")
+
     sub.add_parser("check", help="validate the configuration and load the model, then exit")
     return p
 
@@ -66,6 +71,20 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _status(args: argparse.Namespace) -> int:
+    from smapd.settings import load_settings
+    from smapd.spool import Spool
+    from smapd.status import render_json, render_text
+
+    settings = load_settings()
+    root = args.spool or settings.spool_dir
+    if not (root / "inbox").is_dir():
+        raise SmapdError(f"{root} is not a smapd spool (no inbox/); set SMAPD_SPOOL_DIR or pass --spool")
+    state = Spool(root, settings.node, lease_seconds=settings.lease_seconds).list_state()
+    print(render_json(state) if args.json else render_text(state))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
@@ -74,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             code = transcribe_files(args.files, args.output_dir, _overrides(args), progress=args.progress,
                                     quiet=args.quiet)
+        elif args.command == "run":
+            from smapd.daemon import run
+
+            code = run()
+        elif args.command == "status":
+            code = _status(args)
         elif args.command == "check":
             from smapd.transcribe import check
 

@@ -47,7 +47,7 @@ def _shift(segment: Segment, offset: float) -> Segment:
                          for w in segment.words))
 
 
-def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = None,
+def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = None, key: str | None = None,
         on_progress: Callable[[Progress], None] | None = None) -> Transcript:
     """Transcribe one file on a started pool. A transcript whose chunks all failed has outcome FAILED.
 
@@ -55,6 +55,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
         PermanentJobError: the input cannot be decoded (with a one-sentence reason).
     """
     job = job or path.name
+    key = key or job  # the pool's name for this job (fair queueing, cancelling)
     log = logger.bind(job=job)
     notify = on_progress or (lambda p: None)
     timings: dict[str, float] = {}
@@ -81,7 +82,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     if chunks and language is None:
         t2 = time.monotonic()
         try:
-            language, probability = pool.detect_language(job, audio.speech_prefix(decoded, chunks)).result()
+            language, probability = pool.detect_language(key, audio.speech_prefix(decoded, chunks)).result()
             log.info("{}: language {} (probability {:.2f})", job, language, probability)
         except ChunkError as e:
             log.warning("{}: language detection failed ({}); each chunk detects its own", job, e)
@@ -98,7 +99,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     t3 = time.monotonic()
     futures: dict[Future, Chunk] = {}
     for chunk in chunks:
-        fut = pool.transcribe(job, chunk, lambda c=chunk: decoded.float32(c.start, c.end), decode_options,
+        fut = pool.transcribe(key, chunk, lambda c=chunk: decoded.float32(c.start, c.end), decode_options,
                               on_start=started)
         futures[fut] = chunk
     results: dict[int, ChunkResult] = {}
@@ -117,7 +118,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
             log.info("Progress: {}/{} ({:.1f}%)", done, total, 100.0 * done / total)
             notify(Progress("finished", total, done, chunk=result.chunk, result=result))
     finally:
-        pool.cancel_job(job)
+        pool.cancel_job(key)
     timings["transcribe_seconds"] = round(time.monotonic() - t3, 3)
 
     ordered = tuple(results[c.index] for c in chunks)

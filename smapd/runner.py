@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from loguru import logger
 
 from smapd import audio, pipeline, writers
 from smapd.engine import EngineSpec
-from smapd.errors import ConfigError, PermanentJobError
+from smapd.errors import ClaimLost, PermanentJobError
 from smapd.model import EMBEDDED, EMBEDDED_NAME, download_named, resolve_model
 from smapd.models import Outcome, Transcript
 from smapd.pool import Pool
@@ -119,7 +120,7 @@ def _cpu_now() -> float:
 
 
 def execute(path: Path, pool: Pool, config: JobConfig, *, job: dict[str, Any], display_name: str | None = None,
-            outputs: Callable[[tuple[str, ...]], dict[str, str]] | None = None,
+            key: str | None = None, outputs: Callable[[tuple[str, ...]], dict[str, str]] | None = None,
             on_progress: Callable[[pipeline.Progress], None] | None = None) -> JobResult:
     """Transcribe ``path`` and render its outputs and report. Never raises for bad input.
 
@@ -144,7 +145,7 @@ def execute(path: Path, pool: Pool, config: JobConfig, *, job: dict[str, Any], d
             raise PermanentJobError(
                 f"the file is {size:,} bytes, over SMAPD_MAX_FILE_BYTES={config.max_file_bytes:,}")
         digest = sha256_of(path) if size else None
-        transcript = pipeline.run(path, pool, config.pipeline, job=name, on_progress=on_progress)
+        transcript = pipeline.run(path, pool, config.pipeline, job=name, key=key, on_progress=on_progress)
     except PermanentJobError as e:
         error = str(e)
     except OSError as e:
@@ -177,7 +178,48 @@ def execute(path: Path, pool: Pool, config: JobConfig, *, job: dict[str, Any], d
     return JobResult(outcome=outcome, files=files, report=report, error=report["error"], transcript=transcript)
 
 
-def check_config(config: JobConfig) -> None:
-    """Fail early, before any job, when the engine cannot start (used by ``smapd check``)."""
-    if config.engine.kind == "faster-whisper" and not Path(config.engine.model).is_dir():
-        raise ConfigError(f"model directory {config.engine.model} does not exist")
+def reloadable(s: Settings) -> dict[str, Any]:
+    """The JobConfig fields a SIGHUP may change without reloading the model or the pool."""
+    return {
+        "pipeline": pipeline.PipelineOptions(language=s.language, task=s.task, beam_size=s.beam_size, vad=s.vad,
+                                             chunk_seconds=s.chunk_seconds, max_seconds=s.max_duration_seconds),
+        "formats": s.format_list, "words": s.word_timestamps, "chunk_timeout": s.chunk_timeout_seconds,
+        "chunk_retries": s.chunk_retries, "max_file_bytes": s.max_file_bytes,
+    }
+
+
+def run_claim(claim: Any, spool: Any, pool: Pool, config: JobConfig, *, node: str, lost: threading.Event,
+              cancelled: threading.Event, on_progress: Callable[[pipeline.Progress], None] | None = None) -> str:
+    """One claimed file end to end; returns "done", "failed", "lost" or "cancelled".
+
+    Finish order (DESIGN.md §1): outputs to temp names -> renamed into outbox/ -> report last ->
+    original to archive/. A job whose claim was taken over (``lost``) publishes nothing; a
+    cancelled one (shutdown grace ran out) leaves its claim for the daemon to hand back.
+    Transient errors (disk full, unwritable outbox) propagate: the claim stays in processing/,
+    its lease runs out, and it is retried as the next attempt.
+    """
+    log = logger.bind(job=claim.original_name)
+    stem = spool.output_stem(claim)
+    log.info("{}: job {} started (attempt {}, node {})", claim.original_name, claim.job_id, claim.attempt, node)
+    job = {"id": claim.job_id, "attempt": claim.attempt, "node": node, "claimed_as": claim.path.name,
+           "original_name": claim.original_name, "output_stem": stem,
+           "attempts": getattr(claim, "history", None)}
+    result = execute(claim.path, pool, config, job=job, display_name=claim.original_name, key=claim.job_id,
+                     outputs=lambda suffixes: {s: stem + s for s in suffixes}, on_progress=on_progress)
+    if lost.is_set():
+        log.warning("{}: claim lost to another node during the job; publishing nothing", claim.original_name)
+        return "lost"
+    if cancelled.is_set():
+        return "cancelled"
+    try:
+        if result.outcome is Outcome.FAILED:
+            where = spool.fail(claim, result.report)
+            log.error("{}: moved to {}: {}", claim.original_name, where, result.error)
+            return "failed"
+        spool.complete(claim, lambda: writers.publish(spool.outbox, stem, result.files, result.report,
+                                                      tmp_dir=spool.tmp))
+    except ClaimLost:
+        log.warning("{}: claim lost to another node before publishing; publishing nothing", claim.original_name)
+        return "lost"
+    log.info("{}: published {} outputs as {}.* in outbox/", claim.original_name, len(result.files), stem)
+    return "done"

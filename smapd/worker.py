@@ -86,6 +86,11 @@ def serve(rfd: int, wfd: int) -> None:
     except SmapdError as e:
         send(wfd, ("error", str(e)))
         return
+    # One tiny decode now: CTranslate2 sets up its kernels on first use, which would otherwise
+    # add a second or two to the first chunk of the first job.
+    import numpy as np
+
+    engine.detect_language(np.zeros(16000, dtype=np.float32))
     send(wfd, ("ready", {"pid": os.getpid(), "load_seconds": time.monotonic() - started}))
     while True:
         request = recv(rfd)

@@ -1,0 +1,53 @@
+"""``smapd status``: what the spool holds and what every node is doing, from any machine.
+
+Reads only the spool (inbox/, processing/, failed/ reports and .smapd/nodes/ heartbeats), so it
+works wherever the spool is mounted, with or without a daemon on this machine.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render_text(state: dict[str, Any]) -> str:
+    """A few aligned sections a tired operator can read at a glance."""
+    lines = [f"spool {state['spool']}"]
+    waiting = state.get("waiting", [])
+    lines.append(f"waiting: {len(waiting)}" + (": " + ", ".join(w["name"] for w in waiting[:10]) if waiting else "")
+                 + (" ..." if len(waiting) > 10 else ""))
+    progress = {j["job_id"]: j for n in state.get("nodes", []) for j in n.get("jobs", [])}
+    claims = state.get("processing", [])
+    lines.append(f"in progress: {len(claims)}")
+    for c in claims:
+        p = progress.get(c["job_id"], {})
+        chunks = f"chunk {p.get('chunks_done', 0)}/{p.get('chunks_total', 0)}" if p else "no progress reported"
+        stale = "  STALE (lease expired)" if c.get("stale") else ""
+        lines.append(f"  {c['name']}  node {c['node']}  attempt {c['attempt']}  {chunks}  "
+                     f"lease age {_age(c.get('age'))}{stale}")
+    failures = state.get("failures", [])
+    lines.append(f"recent failures: {len(failures)}")
+    for f in failures[:10]:
+        lines.append(f"  {f['name']}: {f.get('error') or 'see its report'}")
+    nodes = state.get("nodes", [])
+    lines.append(f"nodes: {len(nodes)}")
+    for n in nodes:
+        jobs = len(n.get("jobs", []))
+        tag = "  (stopping)" if n.get("stopping") else ""
+        lines.append(f"  {n.get('node')}  last heartbeat {_age(n.get('age'))} ago  {jobs} job(s)  "
+                     f"{n.get('completed', 0)} done  {n.get('failed', 0)} failed{tag}")
+    return "\n".join(lines)
+
+
+def render_json(state: dict[str, Any]) -> str:
+    return json.dumps(state, indent=2, default=str)
