@@ -30,6 +30,7 @@ rename and its first touch. time.time() is never used to judge expiry.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import itertools
 import json
@@ -55,7 +56,7 @@ REPORT_SUFFIX = ".report.json"
 OUTPUT_SUFFIXES = (".txt", ".srt", ".vtt", ".json", REPORT_SUFFIX)
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", "~")
 _CLAIM_RE = re.compile(rb"(?P<orig>.+)__(?P<node>[^_/]+)_(?P<job>[0-9a-f]{12})_a(?P<attempt>[0-9]+)"
-                       rb"_p(?P<pid>[0-9]+)(?P<trunc>_t)?", re.S)
+                       rb"_p(?P<pid>[0-9]+)(?P<trunc>_t)?", re.DOTALL)
 _NODE_RE = re.compile(r"[^\s/_\0]{1,64}")
 _OPEN_PROBE = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 _HELD: set[tuple[str, str, int]] = set()  # (root, job, attempt) this process works on; pids are per process
@@ -69,10 +70,11 @@ class Claim:
     job_id: str
     node: str
     attempt: int
-    name: str  # the original inbox name, full length
+    original_name: str  # the inbox name, full length
     path: Path  # where it is in processing/
     pid: int = 0
     truncated: bool = False  # the processing name holds a shortened <orig>; see the name sidecar
+    history: tuple[dict[str, Any], ...] = field(default=(), compare=False, hash=False)  # one record per attempt
 
 
 @dataclass(frozen=True)
@@ -151,8 +153,9 @@ def _fit(name: bytes, limit: int) -> bytes:
     dot = name.rfind(b".")
     ext = name[dot:] if 0 < dot and len(name) - dot <= 16 else b""
     cut = limit - len(ext)
-    while cut > 0 and 0x80 <= name[cut] < 0xC0:  # a continuation byte: back off to a character start
-        cut -= 1
+    for _ in range(3):  # a UTF-8 continuation byte: back off to the character's start
+        if 0x80 <= name[cut] < 0xC0:
+            cut -= 1
     return name[:cut] + ext
 
 
@@ -328,15 +331,20 @@ class Spool:
         finally:
             os.close(fd)
 
-    def refuse(self, name: str, reason: str) -> Path | None:
+    def refuse(self, name: str, reason: str | None = None) -> Path | None:
         """Move a non-regular inbox entry (the link itself, never its target) to failed/ with a report.
+
+        Args:
+            name: The inbox name.
+            reason: One sentence for the report; by default what ``scan`` says about its file type.
 
         Returns:
             Its path in failed/, or None when it is gone or cannot be moved (one warning per name).
         """
         job = uuid.uuid4().hex[:12]
-        report = self._failure(name, job, 0, reason, [])
         try:
+            reason = reason or _refusal(name, os.lstat(self.inbox / name).st_mode)
+            report = self._failure(name, job, 0, reason, [])
             return self._to_failed(self.inbox / name, name, job, report, unique=True)
         except OSError as e:
             with self._lock:
@@ -376,7 +384,7 @@ class Spool:
             return None
         except OSError as e:  # e.g. not writable by smapd: the runner's next heartbeat fails the job
             logger.warning("claimed {} but cannot refresh its lease: {}", c.path.name, e.strerror or e)
-        self._record(c, "claimed from inbox/")
+        c = self._record(c, "claimed from inbox/")
         logger.debug("claimed {} as job {}", _display(name), job)
         return c
 
@@ -392,7 +400,7 @@ class Spool:
             if e.errno not in (errno.ENOENT, errno.ESTALE):
                 raise
             self._unhold(claim)
-            raise ClaimLost(f"job {claim.job_id} ({_display(claim.name)}) was taken over by another "
+            raise ClaimLost(f"job {claim.job_id} ({_display(claim.original_name)}) was taken over by another "
                             f"node; publishing nothing") from e
 
     def claims(self) -> Iterator[tuple[Claim, os.stat_result]]:
@@ -434,6 +442,13 @@ class Spool:
         pid): recoverable at once, without waiting for the lease."""
         return [c for c, _ in self.claims() if self._own_dead(c)]
 
+    def recoverable(self) -> list[Claim]:
+        """Own dead claims first (no lease wait), then everybody's stale ones; each claim once."""
+        now = self.spool_now()
+        out = [c for c, st in self.claims()
+               if self._own_dead(c) or (not self._held(c) and now - _stamp(st) > self.lease_seconds)]
+        return sorted(out, key=lambda c: c.node != self.node)
+
     def _own_dead(self, c: Claim) -> bool:
         return c.node == self.node and not self._held(c) and (c.pid == os.getpid() or not self._alive(c.pid))
 
@@ -455,14 +470,14 @@ class Spool:
         if claim.attempt >= self.max_attempts:
             error = (f"gave up after {claim.attempt} attempts: each one ended without finishing (the "
                      f"worker or node died or hung); the last one because {why}.")
-            report = self._failure(claim.name, claim.job_id, claim.attempt, error, self.attempts(claim))
-            if self._to_failed(claim.path, claim.name, claim.job_id, report):
-                logger.warning("{} moved to failed/ after {} attempts", _display(claim.name), claim.attempt)
+            report = self._failure(claim.original_name, claim.job_id, claim.attempt, error, self.attempts(claim))
+            if self._to_failed(claim.path, claim.original_name, claim.job_id, report):
+                logger.warning("{} moved to failed/ after {} attempts", _display(claim.original_name), claim.attempt)
             return None
-        new = self._make(claim.name, claim.job_id, claim.attempt + 1)
+        new = self._make(claim.original_name, claim.job_id, claim.attempt + 1)
         if new.truncated and not claim.truncated:
             self._write_json(self._job_file(claim.job_id, "name"),
-                             {"name": _display(claim.name), "raw": list(os.fsencode(claim.name))})
+                             {"name": _display(claim.original_name), "raw": list(os.fsencode(claim.original_name))})
         if not self._rename(claim.path, new.path, trust_dst=True):
             return None
         self._hold(new)
@@ -470,8 +485,8 @@ class Spool:
             self.heartbeat(new)
         except ClaimLost:
             return None
-        self._record(new, f"took over from {claim.node} (attempt {claim.attempt}) because {why}")
-        logger.info("recovered {} from {}: attempt {} ({})", _display(claim.name), claim.node, new.attempt, why)
+        new = self._record(new, f"took over from {claim.node} (attempt {claim.attempt}) because {why}")
+        logger.info("recovered {} from {}: attempt {} ({})", _display(claim.original_name), claim.node, new.attempt, why)
         return new
 
     def attempts(self, claim: Claim) -> list[dict[str, Any]]:
@@ -491,9 +506,9 @@ class Spool:
         mine = self._reserved_stem(claim.job_id)
         if mine is not None:
             return mine
-        raw = Path(claim.name).stem or claim.name
+        raw = Path(claim.original_name).stem or claim.original_name
         text = "".join("_" if ord(ch) < 32 or ord(ch) == 127 or 0xDC80 <= ord(ch) <= 0xDCFF else ch for ch in raw)
-        base = os.fsdecode(_fit(text.encode("utf-8", "surrogatepass"), 200)).replace("\ufffd", "_") or "_"
+        base = os.fsdecode(_fit(text.encode("utf-8"), 200)) or "_"
         for n in itertools.count(1):
             stem = base if n == 1 else f"{base}.{n}"
             if not self._reserve(stem, claim.job_id):
@@ -543,7 +558,7 @@ class Spool:
         for s in OUTPUT_SUFFIXES if stem is not None else ():  # an earlier attempt's unfinished outputs
             (self.outbox / f"{stem}{s}").unlink(missing_ok=True)
         full = {**report, "attempts": report.get("attempts") or self.attempts(claim)}
-        dest = self._to_failed(claim.path, claim.name, claim.job_id, full)
+        dest = self._to_failed(claim.path, claim.original_name, claim.job_id, full)
         if dest is None:
             raise ClaimLost(f"job {claim.job_id} was taken over before it could be failed")
         return dest
@@ -553,8 +568,8 @@ class Spool:
 
         Its original name is used unless a new file took it: then ``<stem>.<job><ext>``.
         """
-        name = os.fsencode(claim.name)
-        for dest in (name, _fit(os.fsencode(_with_job(claim.name, claim.job_id)), NAME_MAX)):
+        name = os.fsencode(claim.original_name)
+        for dest in (name, _fit(os.fsencode(_with_job(claim.original_name, claim.job_id)), NAME_MAX)):
             try:
                 _rename_noreplace(claim.path, self.inbox / os.fsdecode(dest))
             except FileExistsError:
@@ -565,7 +580,7 @@ class Spool:
             self._forget_job(claim.job_id)
             self._unhold(claim)
             return self.inbox / os.fsdecode(dest)
-        raise FileExistsError(errno.EEXIST, "no free name in inbox/", claim.name)
+        raise FileExistsError(errno.EEXIST, "no free name in inbox/", claim.original_name)
 
     def repair(self) -> int:
         """Write the report of any failed/ entry a crash left without one (from its stash if any).
@@ -610,32 +625,40 @@ class Spool:
             out.append({**data, "node": data.get("node", p.stem), "age": round(now - st.st_mtime, 1)})
         return out
 
+    def waiting_count(self) -> int:
+        """Files in inbox/ that will be claimed (ready or settling), as of the last ``scan``."""
+        with self._lock:
+            return len(self._seen)
+
     def list_state(self, failures: int = 10) -> dict[str, Any]:
-        """What `smapd status` shows: waiting files, claims, recent failures, nodes (JSON-ready)."""
+        """What `smapd status` shows, JSON-ready: ``waiting`` files, ``processing`` claims (``age`` is
+        the lease age; ``running`` since the attempt began; ``stale``), recent ``failures`` newest
+        first, and ``nodes`` with their last heartbeat ``age``. Ages are seconds by the spool clock
+        (``clock`` says "local" where the spool is read-only and the probe cannot be written)."""
         now, clock = self._now_or_local()
-        inbox = []
+        waiting = []
         with os.scandir(self.inbox) as entries:
             for e in entries:
-                if not is_ignored(e.name):
-                    st = e.stat(follow_symlinks=False)
-                    inbox.append({"name": _display(e.name), "size": st.st_size, "age": round(now - st.st_mtime, 1)})
+                with _quiet():
+                    if not is_ignored(e.name):
+                        st = e.stat(follow_symlinks=False)
+                        waiting.append({"name": _display(e.name), "size": st.st_size, "age": round(now - st.st_mtime, 1)})
         claims = []
         for c, st in self.claims():
-            rec = self.attempts(c)[-1]
-            claims.append({"name": _display(c.name), "node": c.node, "job": c.job_id, "attempt": c.attempt,
-                           "pid": c.pid, "age": round(now - rec.get("at", _stamp(st)), 1),
-                           "lease_age": round(now - _stamp(st), 1)})
-        reports = sorted(self.failed.glob(f"*{REPORT_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
+            began = self.attempts(c)[-1].get("at") or _stamp(st)
+            claims.append({"job_id": c.job_id, "name": _display(c.original_name), "node": c.node, "pid": c.pid,
+                           "attempt": c.attempt, "age": round(now - _stamp(st), 1),
+                           "running": round(now - began, 1), "stale": now - _stamp(st) > self.lease_seconds})
         recent = []
-        for p in reports[:failures]:
-            try:
+        for p in sorted(self.failed.glob(f"*{REPORT_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True):
+            with _quiet():
                 r = json.loads(p.read_bytes())
-            except (OSError, ValueError):
-                continue
-            recent.append({"file": _display(p.name[: -len(REPORT_SUFFIX)]), "input": (r.get("input") or {}).get("name"),
-                           "error": r.get("error"), "age": round(now - p.stat().st_mtime, 1)})
-        return {"clock": clock, "inbox": sorted(inbox, key=lambda f: -f["age"]), "processing": claims,
-                "failed": recent, "nodes": self.read_nodes(now)}
+                recent.append({"name": (r.get("input") or {}).get("name"), "report": _display(p.name),
+                               "error": r.get("error"), "age": round(now - p.stat().st_mtime, 1)})
+            if len(recent) >= failures:
+                break
+        return {"spool": str(self.root), "clock": clock, "waiting": sorted(waiting, key=lambda f: -f["age"]),
+                "processing": claims, "failures": recent, "nodes": self.read_nodes(now)}
 
     def prune_archive(self, retention_days: float) -> int:
         """Delete archive/ files older than ``retention_days`` by the spool clock (0 keeps forever); also
@@ -687,7 +710,7 @@ class Spool:
             raise
 
     def _archive(self, claim: Claim) -> Path:
-        dest = self.archive / os.fsdecode(_fit(os.fsencode(f"{claim.job_id}.{claim.name}"), NAME_MAX - 12))
+        dest = self.archive / os.fsdecode(_fit(os.fsencode(f"{claim.job_id}.{claim.original_name}"), NAME_MAX - 12))
         if not self._rename(claim.path, dest):
             self._unhold(claim)
             raise ClaimLost(f"job {claim.job_id} was taken over before its original could be archived")
@@ -744,11 +767,13 @@ class Spool:
     def _job_file(self, job: str, what: str) -> Path:
         return self.jobs / f"{job}.{what}.json"
 
-    def _record(self, c: Claim, how: str) -> None:
+    def _record(self, c: Claim, how: str) -> Claim:
+        """Write this attempt's record (best effort: a missing one is reported as such)."""
         with _quiet():
             self._write_json(self._job_file(c.job_id, f"a{c.attempt}"), {
                 "attempt": c.attempt, "node": c.node, "pid": c.pid, "at": self.spool_now(),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "how": how})
+        return dataclasses.replace(c, history=tuple(self.attempts(c)))
 
     def _write_json(self, path: Path, obj: Any) -> None:
         atomic_write(path, _json_bytes(obj), self.tmp)
@@ -775,10 +800,10 @@ def _with_job(name: str, job: str) -> str:
 
 
 class _quiet:
-    """Ignore OSError for best-effort housekeeping (a file another node removed first, ...)."""
+    """Ignore OSError/ValueError for best-effort housekeeping (a file another node removed first, ...)."""
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
-        return kind is not None and issubclass(kind, OSError)
+        return kind is not None and issubclass(kind, (OSError, ValueError))
