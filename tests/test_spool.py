@@ -493,10 +493,12 @@ def test_a_crash_at_any_point_of_complete_loses_nothing_and_duplicates_nothing(r
     assert not os.listdir(sp.stems) and not os.listdir(sp.processing)
 
 
+@pytest.mark.parametrize("retry", ["fail", "complete"])
 @pytest.mark.parametrize("die_at", range(4))
 def test_a_crash_at_any_point_of_fail_leaves_exactly_one_report(sp: Spool, monkeypatch: pytest.MonkeyPatch,
-                                                                 die_at: int) -> None:
-    """Inv. 2: report stash -> original to failed/ -> report; ``repair`` finishes what a crash left."""
+                                                                 die_at: int, retry: str) -> None:
+    """Inv. 1, 2: report stash -> original to failed/ -> report; ``repair`` finishes what a crash left,
+    and a retry that succeeds leaves no stray failure report behind."""
     drop(sp, "bad.wav")
     claim = sp.claim("bad.wav")
     assert claim
@@ -518,15 +520,21 @@ def test_a_crash_at_any_point_of_fail_leaves_exactly_one_report(sp: Spool, monke
     monkeypatch.setattr(spool_mod.os, "rename", real)
     crash(sp, claim)
     after = Spool(sp.root, "n1", lease_seconds=0.2)
-    for c in after.own_dead_claims():  # died before the move: the job is retried and fails again
-        retry = after.recover(c)
-        assert retry is not None
-        after.fail(retry, {"outcome": "failed", "error": "not audio"})
+    for c in after.own_dead_claims():  # died before the move: the job is retried
+        again = after.recover(c)
+        assert again is not None
+        if retry == "fail":
+            after.fail(again, {"outcome": "failed", "error": "not audio"})
+        else:
+            after.complete(again, publisher(after, again))
     time.sleep(0.3)
     after.repair()
-    reports = list(sp.failed.glob(f"*{REPORT_SUFFIX}"))
-    assert len(reports) == 1 and json.loads(reports[0].read_text())["error"] == "not audio"
-    assert locations(sp.root, ["bad.wav"]) == {"bad.wav": ["failed"]}
+    reports = [*sp.failed.glob(f"*{REPORT_SUFFIX}"), *sp.outbox.glob(f"*{REPORT_SUFFIX}")]
+    assert len(reports) == 1
+    [where] = locations(sp.root, ["bad.wav"])["bad.wav"]
+    assert (where == "failed") == (reports[0].parent == sp.failed)
+    if where == "failed":
+        assert json.loads(reports[0].read_text())["error"] == "not audio"
 
 
 def test_output_and_archive_names_never_overwrite(sp: Spool) -> None:
