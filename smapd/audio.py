@@ -231,7 +231,8 @@ def _cut_point(probs: np.ndarray, lo: float, hi: float) -> float:
     smooth = np.convolve(p, np.ones(31) / 31, mode="same")[a - max(0, a - 16):][:b - a]
     if len(smooth) == 0:
         return hi
-    score = smooth + 0.02 * (1.0 - np.arange(len(smooth)) / len(smooth))
+    # Prefer later cuts: fewer, fuller chunks (each costs a full 30 s encoder pass whatever its length).
+    score = smooth + 0.15 * (1.0 - np.arange(len(smooth)) / len(smooth))
     return (a + int(np.argmin(score)) + 0.5) * FRAME / RATE
 
 
@@ -251,8 +252,9 @@ def _live_stretches(probs: np.ndarray, duration: float, *, dead: float = 3.0, qu
         if p < quiet:
             run += 1
             continue
-        if run >= need:
-            s_dead, e_dead = (i - run) * step + pad, i * step - pad
+        if run >= need:  # no padding at the file's edges: nothing to protect there
+            s_dead = (i - run) * step + (pad if i - run > 0 else 0.0)
+            e_dead = i * step - (pad if i < len(probs) else 0.0)
             if s_dead > start:
                 stretches.append((start, s_dead))
             start = e_dead
@@ -281,6 +283,10 @@ def silence_chunks(samples: np.ndarray, limit: float, *, probs: np.ndarray | Non
     start = live[0][0] if live else duration
     while start < duration - 0.05:
         end = duration if duration - start <= limit else _cut_point(probs, start + limit / 2, start + limit)
+        # A long dead silence ends the chunk: no point decoding it, and Whisper invents text in it.
+        gap = next((b for b, a in zip([b for _, b in live], [a for a, _ in live[1:]])
+                    if start < b < end and a - b > 10.0), None)
+        end = gap if gap is not None else end
         # Trim the chunk to live audio: a dead silence at its edges is not worth a decoder's time.
         inside = [(max(a, start), min(b, end)) for a, b in live if b > start and a < end]
         speech = tuple((round(max(a, start), 3), round(min(b, end), 3)) for a, b in regions

@@ -112,6 +112,7 @@ class FasterWhisperEngine:
         aligned word covers, that stretch is decoded again as its own window (at most twice).
         """
         duration = len(audio) / 16000
+        self.detected: tuple[str, float] | None = None
         words, text, language = self._decode_window(audio, options, options.language)
         texts = [text]
         for _ in range(2):
@@ -133,15 +134,17 @@ class FasterWhisperEngine:
         from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens, merge_punctuations
 
         encoder_output, frames = self._encode(audio)
-        if language is None:
-            language = self.model.model.detect_language(encoder_output)[0][0][0][2:-2]
+        if language is None:  # detect from the encoder pass we need anyway
+            token, prob = self.model.model.detect_language(encoder_output)[0][0]
+            language = token[2:-2]
+            self.detected = (language, round(float(prob), 4))
         tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual,
                               task=options.task, language=language)
         prompt = self.model.get_prompt(tokenizer, [], without_timestamps=True)
         suppress = get_suppressed_tokens(tokenizer, (-1,))
         best: tuple[float, list[int]] | None = None
         # Whisper's temperature fallback: re-decode when the text loops or is improbable.
-        for temperature in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        for temperature in (0.0, 0.4, 0.8):  # Whisper's ladder, thinned: each rung is a full decode
             sampling = {"beam_size": options.beam_size, "patience": 1.0} if temperature == 0 else {
                 "beam_size": 1, "sampling_topk": 0, "sampling_temperature": temperature}
             result = self.model.model.generate(

@@ -79,6 +79,7 @@ class ChunkResult:
     error: str | None = None
     worker: str | None = None
     cpu_seconds: float = 0.0
+    language: tuple[str, float] | None = None  # detected by the engine when no language was given
 
     @property
     def chars(self) -> int:

@@ -79,7 +79,9 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     notify(Progress("planned", len(chunks), 0))
 
     language, probability = (None if options.language == "auto" else options.language), None
-    if chunks and language is None:
+    # One chunk: it detects the language from its own encoder pass (no second pass); otherwise
+    # detect once on the file's first 30 s of speech and decode every chunk in that language.
+    if len(chunks) > 1 and language is None:
         t2 = time.monotonic()
         try:
             language, probability = pool.detect_language(key, audio.speech_prefix(decoded, chunks)).result()
@@ -122,6 +124,9 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     timings["transcribe_seconds"] = round(time.monotonic() - t3, 3)
 
     ordered = tuple(results[c.index] for c in chunks)
+    if language is None and ordered and ordered[0].language:
+        language, probability = ordered[0].language
+        log.info("{}: language {} (probability {:.2f})", job, language, probability)
     segments = tuple(_shift(s, r.chunk.start) for r in ordered for s in r.segments)
     transcript = Transcript(segments=segments, chunks=ordered, language=language,
                             language_probability=round(probability, 4) if probability is not None else None,

@@ -404,7 +404,7 @@ class Pool:
                 task.future.set_result(ChunkResult(
                     chunk=task.chunk, status=ChunkStatus.OK, attempts=attempt,
                     seconds=round(time.monotonic() - started, 3), segments=tuple(result),
-                    worker=slot.name, cpu_seconds=round(cpu, 3)))
+                    worker=slot.name, cpu_seconds=round(cpu, 3), language=stats.get("language")))
             return
         if task.kind == "detect":
             task.future.set_exception(ChunkError(last_error))

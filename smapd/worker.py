@@ -108,7 +108,7 @@ def serve(rfd: int, wfd: int) -> None:
             reply = ("ok", result)
         except Exception as e:  # noqa: BLE001 - reported to the parent as this chunk's error
             reply = ("error", f"{type(e).__name__}: {e}")
-        stats = {"cpu": time.process_time() - cpu0, "rss_mb": _rss_mb(),
+        stats = {"cpu": time.process_time() - cpu0, "rss_mb": _rss_mb(), "language": getattr(engine, "detected", None),
                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         send(wfd, (*reply, stats))
 

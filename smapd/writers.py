@@ -148,36 +148,43 @@ def _ends(text: str, marks: str) -> bool:
 
 
 def _word_cues(words: Sequence[Word], lim: _Limits) -> list[Cue]:
-    cues: list[Cue] = []
-    cur: list[Word] = []
+    """Phrases (cut at pauses and sentence ends), each split into balanced cues that fit.
 
+    A phrase too long for one cue is halved at the word that best balances the two sides,
+    preferring a clause end (comma, semicolon) near the middle, and halved again as needed, so a
+    long sentence gives two even cues rather than a full cue and a one-word orphan.
+    """
     def text(ws: Sequence[Word]) -> str:
         return _join_words([w.text for w in ws])
 
-    def too_long(ws: Sequence[Word]) -> bool:
-        return ws[-1].end - ws[0].start > lim.max_seconds or not lim.fits(text(ws))
+    def fits(ws: Sequence[Word]) -> bool:
+        return ws[-1].end - ws[0].start <= lim.max_seconds and lim.fits(text(ws))
 
-    def flush(ws: Sequence[Word]) -> None:
-        if ws:
-            cues.append(Cue(ws[0].start, max(ws[-1].end, ws[0].start), text(ws)))
+    def split(ws: Sequence[Word]) -> list[Sequence[Word]]:
+        if len(ws) <= 1 or fits(ws):
+            return [ws]
+        total = len(text(ws))
+        best, best_score = 1, float("inf")
+        for i in range(1, len(ws)):
+            left = len(text(ws[:i]))
+            score = abs(left - (total - left)) / max(total, 1)
+            score -= 0.15 if _ends(ws[i - 1].text, _CLAUSE_END) else 0.0
+            score -= min(0.15, ws[i].start - ws[i - 1].end)  # a small pause is a good place too
+            if score < best_score:
+                best, best_score = i, score
+        return split(ws[:best]) + split(ws[best:])
 
+    phrases: list[list[Word]] = []
+    cur: list[Word] = []
     for w in words:
         if cur and (w.start - cur[-1].end >= lim.min_gap
                     or (_ends(cur[-1].text, _SENTENCE_END) and len(text(cur)) >= lim.max_chars // 2)):
-            flush(cur)
+            phrases.append(cur)
             cur = []
-        elif cur and too_long([*cur, w]):
-            # Forced break: prefer the last clause end in the second half, so a cue ends with its phrase.
-            cut = next((i for i in range(len(cur) - 1, max(1, len(cur) // 2) - 1, -1)
-                        if _ends(cur[i - 1].text, _CLAUSE_END)), len(cur))
-            flush(cur[:cut])
-            cur = cur[cut:]
-            if cur and too_long([*cur, w]):
-                flush(cur)
-                cur = []
         cur.append(w)
-    flush(cur)
-    return cues
+    if cur:
+        phrases.append(cur)
+    return [Cue(ws[0].start, max(ws[-1].end, ws[0].start), text(ws)) for p in phrases for ws in split(p)]
 
 
 def _segment_cues(seg: Segment, lim: _Limits) -> list[Cue]:
