@@ -271,29 +271,31 @@ class Pool:
         self._lock = threading.Lock()
         self.last_progress = time.monotonic()
         self.max_worker_rss_mb = 0.0
+        self._booted = threading.Event()
+        self._boot_errors: list[BaseException] = []
+        self._boots_left = workers
 
-    def start(self) -> None:
-        """Start every slot (loading the model in each, in parallel), then the serving threads."""
-        errors: list[BaseException] = []
+    def start(self, wait: bool = True) -> None:
+        """Start the serving threads; each boots its slot (loads the model) in parallel.
 
-        def boot(slot: Slot) -> None:
-            try:
-                slot.start()
-            except BaseException as e:  # noqa: BLE001 - re-raised below in the caller's thread
-                errors.append(e)
+        With ``wait=False`` the caller goes on (decoding and VAD overlap the model load) and the
+        first ``detect_language``/``transcribe`` waits for the slots instead.
 
-        threads = [threading.Thread(target=boot, args=(s,), name=f"boot-{s.name}") for s in self.slots]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            for s in self.slots:
-                s.close()
-            raise errors[0]
+        Raises:
+            ConfigError: (with ``wait``) a slot could not start, e.g. the model does not load.
+        """
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="smapd-slot")
         for slot in self.slots:
             self._executor.submit(self._serve, slot)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every slot has booted; raise the first boot error (and stop the pool)."""
+        self._booted.wait()
+        if self._boot_errors:
+            self.close()
+            raise self._boot_errors[0]
 
     def __enter__(self) -> Pool:
         self.start()
@@ -314,6 +316,7 @@ class Pool:
     # --- submitting ---
     def detect_language(self, job: str, audio: np.ndarray) -> Future:
         """Future of (language, probability) for up to 30 s of speech."""
+        self.wait_ready()
         fut: Future = Future()
         self._queue.put(_Task(job, "detect", lambda: {"audio": audio}, fut), urgent=True)
         return fut
@@ -321,6 +324,7 @@ class Pool:
     def transcribe(self, job: str, chunk: Chunk, audio: Callable[[], np.ndarray], options: DecodeOptions,
                    on_start: Callable[[Chunk, str], None] | None = None) -> Future:
         """Future of a ChunkResult (never raises: failures are results with status FAILED)."""
+        self.wait_ready()
         fut: Future = Future()
         speech = tuple((round(s - chunk.start, 3), round(e - chunk.start, 3)) for s, e in chunk.speech)
         self._queue.put(_Task(job, "transcribe", lambda: {"audio": audio(), "options": options, "speech": speech},
@@ -351,6 +355,17 @@ class Pool:
 
     # --- serving ---
     def _serve(self, slot: Slot) -> None:
+        try:
+            slot.start()
+        except BaseException as e:  # noqa: BLE001 - handed to wait_ready() in the caller's thread
+            self._boot_errors.append(e)
+        finally:
+            with self._lock:
+                self._boots_left -= 1
+                if self._boots_left == 0:
+                    self._booted.set()
+        if self._boot_errors:
+            return
         while True:
             task = self._queue.get()
             if task is None:

@@ -52,7 +52,9 @@ def transcribe_files(files: list[Path], out_dir: Path, overrides: dict[str, Any]
                 config.engine.kind, config.model_label, config.workers, config.engine.cpu_threads,
                 config.plan_reason, config.chunk_timeout)
     worst = 0
-    with config.make_pool() as pool:
+    pool = config.make_pool()
+    pool.start(wait=False)  # the model loads in the workers while the first file decodes
+    try:
         for path in files:
             update, close = _progress_bar(path.name) if use_bar else (None, lambda: None)
             started = time.monotonic()
@@ -64,7 +66,8 @@ def transcribe_files(files: list[Path], out_dir: Path, overrides: dict[str, Any]
             stem = path.stem or path.name
             written = writers.publish(out_dir, stem, result.files, result.report)
             code = {Outcome.SUCCESS: 0, Outcome.PARTIAL: 3, Outcome.FAILED: 1}[result.outcome]
-            worst = code if code == 1 or worst == 0 else max(worst, code) if worst != 1 else worst
+            severity = {0: 0, 3: 1, 1: 2}  # failed > partial > success
+            worst = code if severity[code] > severity[worst] else worst
             t = result.report["totals"]
             if result.outcome is Outcome.FAILED:
                 print(f"smapd: {path}: {result.error}", file=sys.stderr)
@@ -74,6 +77,8 @@ def transcribe_files(files: list[Path], out_dir: Path, overrides: dict[str, Any]
                       f"({t['chunks_ok']}/{t['chunks_ok'] + t['chunks_failed']}), language "
                       f"{result.report['language']['code']} -> {', '.join(str(p) for p in written.values())}",
                       file=sys.stderr)
+    finally:
+        pool.close()
     return worst
 
 
