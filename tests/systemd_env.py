@@ -18,6 +18,7 @@ created are removed at teardown.
 no unshare, no systemd, namespaces refused); ``require`` (CI) fails instead; ``skip`` skips.
 ``SMAPD_TEST_KEEP=1`` keeps the work directory for a post-mortem.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Optional
 
 SYSTEMD = Path("/lib/systemd/systemd")
 TARGET = "smapd-test.target"
@@ -36,13 +36,26 @@ OVERLAID = ("/etc", "/usr/local/bin", "/var/cache")
 TMPFS = ("/run", "/tmp", "/var/tmp", "/var/log/journal")
 # Boot services that act on the real filesystem or hardware (issue 4's list): masked.
 MASKED = (
-    "systemd-tmpfiles-setup.service", "systemd-tmpfiles-setup-dev.service", "systemd-tmpfiles-clean.timer",
-    "systemd-sysctl.service", "systemd-remount-fs.service", "systemd-binfmt.service",
-    "proc-sys-fs-binfmt_misc.automount", "systemd-sysusers.service", "systemd-modules-load.service",
-    "systemd-journal-flush.service", "systemd-update-utmp.service", "systemd-random-seed.service",
-    "systemd-machine-id-commit.service", "systemd-firstboot.service", "ldconfig.service",
-    "systemd-hwdb-update.service", "systemd-journal-catalog-update.service", "systemd-udevd.service",
-    "systemd-udev-trigger.service", "systemd-pstore.service",
+    "systemd-tmpfiles-setup.service",
+    "systemd-tmpfiles-setup-dev.service",
+    "systemd-tmpfiles-clean.timer",
+    "systemd-sysctl.service",
+    "systemd-remount-fs.service",
+    "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount",
+    "systemd-sysusers.service",
+    "systemd-modules-load.service",
+    "systemd-journal-flush.service",
+    "systemd-update-utmp.service",
+    "systemd-random-seed.service",
+    "systemd-machine-id-commit.service",
+    "systemd-firstboot.service",
+    "ldconfig.service",
+    "systemd-hwdb-update.service",
+    "systemd-journal-catalog-update.service",
+    "systemd-udevd.service",
+    "systemd-udev-trigger.service",
+    "systemd-pstore.service",
 )
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -51,7 +64,7 @@ class Unavailable(Exception):
     """This machine cannot run a namespaced systemd; str() says why."""
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason() -> str | None:
     """Why the namespace cannot be built here, or None when it can."""
     if os.geteuid() != 0:
         return "needs root (unshare --pid --mount, overlay mounts)"
@@ -62,9 +75,21 @@ def unavailable_reason() -> Optional[str]:
         return f"{SYSTEMD} is missing (apt-get install systemd)"
     try:
         probe = subprocess.run(
-            ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "sh", "-c",
-             "mount --make-rprivate / && mount -t tmpfs tmpfs /run"],
-            capture_output=True, text=True, timeout=20)
+            [
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount",
+                "--mount-proc",
+                "sh",
+                "-c",
+                "mount --make-rprivate / && mount -t tmpfs tmpfs /run",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"unshare failed: {e}"
     if probe.returncode != 0:
@@ -77,14 +102,18 @@ def _boot_script(workdir: Path, init: Sequence[str]) -> str:
     for path in OVERLAID:
         layer = workdir / "overlay" / path.strip("/").replace("/", "-")
         lines.append(f"mkdir -p {layer}/upper {layer}/work")
-        lines.append(f"mount -t overlay overlay -o lowerdir={path},upperdir={layer}/upper,workdir={layer}/work {path}")
+        lines.append(
+            f"mount -t overlay overlay -o lowerdir={path},upperdir={layer}/upper,workdir={layer}/work {path}"
+        )
     for path in TMPFS:
         lines.append(f"mkdir -p {path} && mount -t tmpfs -o mode=0755 tmpfs {path}")
     lines.append("chmod 1777 /tmp /var/tmp")
     lines.append("mkdir -p /run/systemd/system")
     lines += [f"ln -s /dev/null /run/systemd/system/{unit}" for unit in MASKED]
-    lines.append(f"printf '[Unit]\\nDescription=smapd test target\\nDefaultDependencies=no\\n' "
-                 f"> /run/systemd/system/{TARGET}")
+    lines.append(
+        f"printf '[Unit]\\nDescription=smapd test target\\nDefaultDependencies=no\\n' "
+        f"> /run/systemd/system/{TARGET}"
+    )
     lines.append("echo namespace-ready")
     lines.append("exec " + " ".join(init))
     return "\n".join(lines) + "\n"
@@ -118,27 +147,42 @@ class Namespace:
     Use as a context manager, or call ``boot()`` and ``close()``.
     """
 
-    def __init__(self, systemd: bool = True, workdir: Optional[Path] = None) -> None:
+    def __init__(self, systemd: bool = True, workdir: Path | None = None) -> None:
         self.systemd = systemd
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="smapd-test-", dir="/var/lib"))
         self.workdir.chmod(0o755)  # the service user walks through it to the prefix and the spool
         self.log = self.workdir / "boot.log"
         self.pid = 0  # PID 1 of the namespace, as the host numbers it
-        self._unshare: Optional[subprocess.Popen[bytes]] = None
+        self._unshare: subprocess.Popen[bytes] | None = None
         self._cgroups_before: set[Path] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def boot(self, timeout: float = 60) -> "Namespace":
+    def boot(self, timeout: float = 60) -> Namespace:
         init = [str(SYSTEMD), "--system", f"--unit={TARGET}"] if self.systemd else ["sleep", "infinity"]
         script = self.workdir / "boot.sh"
         script.write_text(_boot_script(self.workdir, init))
         self._cgroups_before = _cgroup_dirs()
         with open(self.log, "wb") as log:
             self._unshare = subprocess.Popen(
-                ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--uts", "--ipc", "sh", str(script)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    "unshare",
+                    "--pid",
+                    "--fork",
+                    "--mount",
+                    "--mount-proc",
+                    "--uts",
+                    "--ipc",
+                    "sh",
+                    str(script),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
-            self.pid = int(wait_for(self._find_init, timeout, "the namespace's PID 1 to start"))  # type: ignore[arg-type]
+            found = wait_for(self._find_init, timeout, "the namespace's PID 1 to start")
+            self.pid = int(found)  # type: ignore[call-overload]
             if self.systemd:
                 wait_for(self._booted, timeout, "systemd to finish booting in the namespace", interval=0.3)
         except BaseException:
@@ -149,11 +193,15 @@ class Namespace:
     def _find_init(self) -> int:
         assert self._unshare is not None
         if self._unshare.poll() is not None:
-            raise AssertionError(f"the namespace exited at once ({self._unshare.returncode}): "
-                                 f"{self.log.read_text(errors='replace')[-2000:]}")
+            raise AssertionError(
+                f"the namespace exited at once ({self._unshare.returncode}): "
+                f"{self.log.read_text(errors='replace')[-2000:]}"
+            )
         want = "systemd" if self.systemd else "sleep"
         try:
-            children = Path(f"/proc/{self._unshare.pid}/task/{self._unshare.pid}/children").read_text().split()
+            children = (
+                Path(f"/proc/{self._unshare.pid}/task/{self._unshare.pid}/children").read_text().split()
+            )
         except OSError:
             return 0
         for child in children:
@@ -205,25 +253,36 @@ class Namespace:
                         break
                     time.sleep(0.1)
 
-    def __enter__(self) -> "Namespace":
+    def __enter__(self) -> Namespace:  # noqa: PYI034
         return self.boot()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     # --- commands inside ---------------------------------------------------------------------
-    def run(self, argv: Sequence[str], check: bool = True, timeout: float = 60,
-            env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, argv: Sequence[str], check: bool = True, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in the namespace (its mounts and PIDs); output captured as text."""
         assert self.pid, "the namespace is not booted"
-        proc = subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "--", *argv], capture_output=True,
-                              text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-m", "-p", "--", *argv],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(argv)} exited with {proc.returncode}\n"
-                                 f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+            raise AssertionError(
+                f"{' '.join(argv)} exited with {proc.returncode}\n"
+                f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+            )
         return proc
 
-    def systemctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def systemctl(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         return self.run(["systemctl", "--no-pager", *args], check=check, timeout=timeout)
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
@@ -232,27 +291,6 @@ class Namespace:
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def journal(self, unit: str, lines: int = 200) -> str:
-        return self.run(["journalctl", "--no-pager", "-o", "short-monotonic", "-n", str(lines), "-u", unit],
-                        check=False).stdout
-
-    def host_pid(self, ns_pid: int) -> int:
-        """The host's number for a PID of the namespace (for signals sent from outside)."""
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                status = (entry / "status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("NSpid:"):
-                    ids = line.split()[1:]
-                    if len(ids) >= 2 and ids[-1] == str(ns_pid) and self._in_namespace(entry.name):
-                        return int(entry.name)
-        raise LookupError(f"no process {ns_pid} in the namespace")
-
-    def _in_namespace(self, host_pid: str) -> bool:
-        try:
-            return os.readlink(f"/proc/{host_pid}/ns/pid") == os.readlink(f"/proc/{self.pid}/ns/pid")
-        except OSError:
-            return False
+        return self.run(
+            ["journalctl", "--no-pager", "-o", "short-monotonic", "-n", str(lines), "-u", unit], check=False
+        ).stdout
