@@ -4,6 +4,7 @@ The file is the operator's only reference: every setting must be there, under it
 four without a prefix, the rest with SMAPD_), with a comment and the true default; no stale entries.
 Loading it through SMAPD_CONFIG, as shipped and with every line uncommented, proves it is valid.
 """
+
 from __future__ import annotations
 
 import os
@@ -88,7 +89,9 @@ def test_every_setting_listed_once_and_nothing_stale() -> None:
     expected = {env_name(f) for f in Settings.model_fields}
     assert len(names) == len(set(names)), f"listed twice: {sorted(n for n in names if names.count(n) > 1)}"
     assert not expected - set(names), f"missing from config/smapd.env: {sorted(expected - set(names))}"
-    assert not set(names) - expected, f"stale in config/smapd.env (no such setting): {sorted(set(names) - expected)}"
+    assert not set(names) - expected, (
+        f"stale in config/smapd.env (no such setting): {sorted(set(names) - expected)}"
+    )
 
 
 def test_smap_names_keep_no_prefix() -> None:
@@ -107,7 +110,8 @@ def test_restart_marks_match_the_settings_that_need_a_restart() -> None:
     marked = {field_of(e.name) for e in parse() if "(restart)" in e.comment}
     assert marked == set(RESTART_REQUIRED), (
         f"marked (restart) but reloadable: {sorted(marked - RESTART_REQUIRED)}; "
-        f"need a restart but not marked: {sorted(RESTART_REQUIRED - marked)}")
+        f"need a restart but not marked: {sorted(RESTART_REQUIRED - marked)}"
+    )
 
 
 def test_only_comments_and_blank_lines_as_shipped() -> None:
@@ -126,13 +130,18 @@ def test_documented_defaults_are_the_real_defaults(clean_env: pytest.MonkeyPatch
     entries = {e.name: e for e in parse()}
     for field in DYNAMIC:
         entry = entries[env_name(field)]
-        assert entry.value == "" and "default" in entry.comment, f"{entry.name}: dynamic default not explained"
+        assert entry.value == "" and "default" in entry.comment, (
+            f"{entry.name}: dynamic default not explained"
+        )
     clean_env.setenv("SMAPD_CONFIG", str(uncommented(tmp_path, skip={env_name(f) for f in DYNAMIC})))
     loaded = load_settings()
     clean_env.delenv("SMAPD_CONFIG")
     defaults = Settings()
-    wrong = {env_name(f): (entries[env_name(f)].value, getattr(defaults, f))
-             for f in Settings.model_fields if getattr(loaded, f) != getattr(defaults, f)}
+    wrong = {
+        env_name(f): (entries[env_name(f)].value, getattr(defaults, f))
+        for f in Settings.model_fields
+        if getattr(loaded, f) != getattr(defaults, f)
+    }
     assert not wrong, f"documented value differs from the default (documented, real): {wrong}"
 
 
@@ -142,13 +151,17 @@ def test_model_cache_default_is_systemd_cache_directory(clean_env: pytest.Monkey
     assert {e.name: e.value for e in parse()}["SMAPD_MODEL_CACHE"] == SYSTEMD_CACHE
 
 
-@pytest.mark.parametrize("line, name", [
-    ("MAX_PARALLEL_WORKERS=zero", "MAX_PARALLEL_WORKERS"),
-    ("CHUNK_TIMEOUT=-5", "CHUNK_TIMEOUT"),
-    ("SMAPD_CHUNK_SECONDS=90", "SMAPD_CHUNK_SECONDS"),
-])
-def test_bad_value_in_the_file_names_the_setting(clean_env: pytest.MonkeyPatch, tmp_path: Path,
-                                                  line: str, name: str) -> None:
+@pytest.mark.parametrize(
+    "line, name",
+    [
+        ("MAX_PARALLEL_WORKERS=zero", "MAX_PARALLEL_WORKERS"),
+        ("CHUNK_TIMEOUT=-5", "CHUNK_TIMEOUT"),
+        ("SMAPD_CHUNK_SECONDS=90", "SMAPD_CHUNK_SECONDS"),
+    ],
+)
+def test_bad_value_in_the_file_names_the_setting(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path, line: str, name: str
+) -> None:
     path = tmp_path / "bad.env"
     path.write_text(CONFIG.read_text(encoding="utf-8") + line + "\n", encoding="utf-8")
     clean_env.setenv("SMAPD_CONFIG", str(path))
