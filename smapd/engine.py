@@ -241,6 +241,16 @@ class CommandEngine:
         except ValueError as e:
             raise ConfigError(f"SMAPD_COMMAND={spec.command!r} is not a valid command line: {e}") from e
         self.spec = spec
+        self.proc: subprocess.Popen | None = None
+
+    def terminate(self) -> None:
+        """Kill the running program's process group, from any thread (pool shutdown)."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def run(self, audio: np.ndarray, options: DecodeOptions, timeout: float) -> list[Segment]:
         """Run the program on one chunk; kill its whole process group at ``timeout``."""
@@ -256,12 +266,14 @@ class CommandEngine:
                                         stderr=subprocess.PIPE, start_new_session=True)
             except OSError as e:
                 raise ChunkError(f"cannot run {argv[0]!r}: {e.strerror}") from e
+            self.proc = proc
             try:
                 _, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
                 kill_group(proc)
                 raise ChunkTimeout(f"{argv[0]} ran past CHUNK_TIMEOUT={timeout:g} s and was killed") from None
             finally:
+                self.proc = None
                 if proc.poll() is None:
                     kill_group(proc)
             tail = err.decode(errors="replace").strip().splitlines()[-1:] if err else []

@@ -108,7 +108,11 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     done = 0
     try:
         for fut in as_completed(futures):
-            result: ChunkResult = fut.result()
+            if fut.cancelled():  # the pool is shutting down (daemon stop): a gap, not a crash
+                result = ChunkResult(chunk=futures[fut], status=ChunkStatus.FAILED, attempts=0, seconds=0.0,
+                                     error="cancelled: smapd was shutting down")
+            else:
+                result = fut.result()
             done += 1
             results[result.chunk.index] = result
             if result.status is ChunkStatus.OK:

@@ -10,6 +10,7 @@ bounded ThreadPoolExecutor drives each slot, pulling tasks from a queue that tak
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -38,6 +39,8 @@ class Slot(Protocol):
     def run(self, kind: str, payload: dict, timeout: float) -> tuple[Any, dict]: ...
 
     def kill(self) -> None: ...
+
+    def terminate(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -127,6 +130,14 @@ class ProcessSlot:
         self.kill()
         self.start()
 
+    def terminate(self) -> None:
+        """SIGKILL the worker's process group from any thread; the slot's own thread sees EOF."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def kill(self) -> None:
         if self.proc is not None:
             kill_group(self.proc)
@@ -173,6 +184,9 @@ class CommandSlot:
 
     def kill(self) -> None:
         pass
+
+    def terminate(self) -> None:
+        self.engine.terminate()
 
     def restart(self) -> None:
         pass
@@ -271,6 +285,7 @@ class Pool:
         self._lock = threading.Lock()
         self.last_progress = time.monotonic()
         self.max_worker_rss_mb = 0.0
+        self._closing = False
         self._booted = threading.Event()
         self._boot_errors: list[BaseException] = []
         self._boots_left = workers
@@ -305,8 +320,12 @@ class Pool:
         self.close()
 
     def close(self) -> None:
+        """Stop now: queued chunks are cancelled, running ones killed (not retried), workers ended."""
+        self._closing = True
         for task in self._queue.close():
             task.future.cancel()
+        for slot in self.slots:
+            slot.terminate()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -400,6 +419,9 @@ class Pool:
                 result, stats = slot.run(task.kind, task.payload(), self.chunk_timeout)
             except (ChunkTimeout, WorkerDied) as e:
                 last_error = str(e)
+                if self._closing:
+                    last_error = "the pool was shut down while this chunk ran"
+                    break
                 logger.warning("{}: {} (attempt {}/{})", _label(task), e, attempt, self.retries + 1)
                 try:
                     slot.restart()
@@ -408,6 +430,8 @@ class Pool:
                 continue
             except ChunkError as e:
                 last_error = str(e)
+                if self._closing:
+                    break
                 logger.warning("{}: {} (attempt {}/{})", _label(task), e, attempt, self.retries + 1)
                 continue
             cpu += stats.get("cpu", 0.0)
@@ -426,13 +450,13 @@ class Pool:
         else:
             assert task.chunk is not None
             task.future.set_result(ChunkResult(
-                chunk=task.chunk, status=ChunkStatus.FAILED, attempts=self.retries + 1,
+                chunk=task.chunk, status=ChunkStatus.FAILED, attempts=task.attempts,
                 seconds=round(time.monotonic() - started, 3), error=last_error, worker=slot.name,
                 cpu_seconds=round(cpu, 3)))
 
     def _recycle_if_needed(self, slot: Slot) -> None:
         """Replace a worker that has served its quota or grown too large (leaks)."""
-        if not isinstance(slot, ProcessSlot) or slot.proc is None:
+        if not isinstance(slot, ProcessSlot) or slot.proc is None or self._closing:
             return
         reason = None
         if self.max_chunks and slot.chunks_served >= self.max_chunks:
