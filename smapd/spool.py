@@ -395,13 +395,38 @@ class Spool:
             ClaimLost: The claim is gone: another node took it over (DESIGN §1 inv. 6).
         """
         try:
-            os.utime(claim.path, follow_symlinks=False)
+            os.lstat(claim.path)
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ESTALE):
                 raise
             self._unhold(claim)
             raise ClaimLost(f"job {claim.job_id} ({_display(claim.original_name)}) was taken over by another "
                             f"node; publishing nothing") from e
+        # The lease lives in a file smapd owns: touching the claim itself needs its owner's rights,
+        # and a file dropped by another user (mode 0644) cannot be touched by the service user.
+        fd = os.open(self._lease_path(claim.job_id), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.utime(fd)  # times=None: the server's "now" on NFS
+        finally:
+            os.close(fd)
+
+    def _lease_path(self, job: str) -> Path:
+        return self.jobs / f"{job}.lease"
+
+    def _lease_stamp(self, claim: Claim, st: os.stat_result) -> float:
+        """When the claim was last refreshed: its rename (ctime) or its lease file, whichever is later.
+
+        The lease file is read with open()+fstat() (NFS revalidates on open; a cached stat could
+        make a live lease look expired)."""
+        stamp = _stamp(st)
+        try:
+            fd = os.open(self._lease_path(claim.job_id), os.O_RDONLY)
+        except OSError:
+            return stamp
+        try:
+            return max(stamp, os.fstat(fd).st_mtime)
+        finally:
+            os.close(fd)
 
     def claims(self) -> Iterator[tuple[Claim, os.stat_result]]:
         """Every parseable claim in processing/ with its fresh stat (gone ones are skipped)."""
@@ -435,7 +460,7 @@ class Spool:
     def stale_claims(self) -> list[Claim]:
         """Claims whose lease has expired by the spool clock (never the local clock, DESIGN §1 inv. 5)."""
         now = self.spool_now()
-        return [c for c, st in self.claims() if not self._held(c) and now - _stamp(st) > self.lease_seconds]
+        return [c for c, st in self.claims() if not self._held(c) and now - self._lease_stamp(c, st) > self.lease_seconds]
 
     def own_dead_claims(self) -> list[Claim]:
         """Claims naming this node and a process that no longer exists (or an earlier life of this
@@ -446,7 +471,7 @@ class Spool:
         """Own dead claims first (no lease wait), then everybody's stale ones; each claim once."""
         now = self.spool_now()
         out = [c for c, st in self.claims()
-               if self._own_dead(c) or (not self._held(c) and now - _stamp(st) > self.lease_seconds)]
+               if self._own_dead(c) or (not self._held(c) and now - self._lease_stamp(c, st) > self.lease_seconds)]
         return sorted(out, key=lambda c: c.node != self.node)
 
     def _own_dead(self, c: Claim) -> bool:
@@ -462,7 +487,7 @@ class Spool:
         st = self._fresh_stat(claim.path)
         if st is None:
             return None
-        age = self.spool_now() - _stamp(st)
+        age = self.spool_now() - self._lease_stamp(claim, st)
         if age <= self.lease_seconds and not self._own_dead(claim):
             return None  # refreshed since it was listed: its owner is alive
         why = (f"its lease expired ({age:.0f} s without a refresh by the spool clock)" if age > self.lease_seconds
@@ -647,8 +672,9 @@ class Spool:
         for c, st in self.claims():
             began = self.attempts(c)[-1].get("at") or _stamp(st)
             claims.append({"job_id": c.job_id, "name": _display(c.original_name), "node": c.node, "pid": c.pid,
-                           "attempt": c.attempt, "age": round(now - _stamp(st), 1),
-                           "running": round(now - began, 1), "stale": now - _stamp(st) > self.lease_seconds})
+                           "attempt": c.attempt, "age": round(now - self._lease_stamp(c, st), 1),
+                           "running": round(now - began, 1),
+                           "stale": now - self._lease_stamp(c, st) > self.lease_seconds})
         recent = []
         for p in sorted(self.failed.glob(f"*{REPORT_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True):
             with _quiet():

@@ -172,3 +172,36 @@ def test_corrupt_model_is_detected(tmp_path, model_dir):
         f.write(b"\0" * 16)
     with pytest.raises(ModelError, match="SHA-256"):
         verify_embedded(bad)
+
+
+# --- the lease of a file smapd does not own -------------------------------------------------------
+
+_LEASE_SNIPPET = """
+import sys, time
+from pathlib import Path
+from smapd.spool import Spool
+s = Spool(Path(sys.argv[1]), "n1", lease_seconds=3)
+c = s.claim("theirs.wav")
+assert c is not None, "claim failed"
+time.sleep(2); s.heartbeat(c); time.sleep(2)
+assert s.stale_claims() == [], "a refreshed lease looks stale"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_lease_of_a_file_owned_by_another_user(tmp_path):
+    """The service user cannot touch a 0644 file someone else dropped: the lease must still refresh."""
+    import subprocess
+    import sys
+
+    from smapd.spool import Spool
+
+    Spool(tmp_path, "n1").ensure_layout()
+    dropped = tmp_path / "inbox" / "theirs.wav"
+    dropped.write_bytes(b"RIFF")
+    os.chown(dropped, 65534, 65534)
+    dropped.chmod(0o644)
+    proc = subprocess.run(["setpriv", "--bounding-set=-fowner,-dac_override", sys.executable, "-c", _LEASE_SNIPPET,
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
