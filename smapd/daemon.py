@@ -84,7 +84,7 @@ class Daemon:
         pool = getattr(self, "pool", None)
         for slot in getattr(pool, "slots", []):
             try:
-                slot.kill()
+                slot.terminate()
             except Exception:  # noqa: BLE001 - exiting anyway
                 pass
         os._exit(1)
@@ -125,6 +125,11 @@ class Daemon:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.pool.close()
         logger.info("stopped: {} done, {} failed this run", self.completed, self.failed)
+        if any(j.future is not None and not j.future.done() for j in self.jobs.values()):
+            # A job thread stuck where it cannot be interrupted (decoding a huge file): its claim is
+            # already handed back, and waiting for it would only make systemd kill us anyway.
+            logger.warning("a job thread is still busy; exiting without it")
+            os._exit(0)
         return 0
 
     def _start_scheduler(self) -> Any:
@@ -344,13 +349,12 @@ class Daemon:
         for job in left:
             job.cancelled.set()
             self.pool.cancel_job(job.claim.job_id)
-        for slot in self.pool.slots:  # running chunks stop now; their jobs see `cancelled`
-            slot.kill()
+        self.pool.close()  # running chunks are killed now (never retried); their jobs see `cancelled`
         for job in left:
             if job.future is not None:
                 try:
-                    job.future.result(timeout=30)
-                except Exception:  # noqa: BLE001
+                    job.future.result(timeout=10)
+                except Exception:  # noqa: BLE001 - a job still decoding: its claim is handed back below
                     pass
         for job in left:
             if not job.lost.is_set():

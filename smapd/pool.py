@@ -323,7 +323,7 @@ class Pool:
         """Stop now: queued chunks are cancelled, running ones killed (not retried), workers ended."""
         self._closing = True
         for task in self._queue.close():
-            task.future.cancel()
+            _cancel(task.future)
         for slot in self.slots:
             slot.terminate()
         if self._executor is not None:
@@ -357,7 +357,7 @@ class Pool:
             if job in self._queue.order:
                 self._queue.order.remove(job)
         for task in q or ():
-            task.future.cancel()
+            _cancel(task.future)
 
     # --- health, for the daemon's watchdog and status ---
     def stalled_seconds(self) -> float:
@@ -470,6 +470,13 @@ class Pool:
                 slot.start()
             except ConfigError as e:
                 logger.error("worker {} could not be restarted: {}", slot.name, e)
+
+
+def _cancel(future: Future) -> None:
+    """Cancel a queued future so that ``as_completed``/``wait`` wake up: ``cancel()`` alone only
+    marks it; waiters hear of it from ``set_running_or_notify_cancel()`` (as an executor would)."""
+    if future.cancel():
+        future.set_running_or_notify_cancel()
 
 
 def _label(task: _Task) -> str:
