@@ -15,7 +15,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 PYTHON=${PYTHON:-python3}
 VENV=$ROOT/.venv
-APT_PACKAGES=(pocketsphinx pocketsphinx-en-us)
+# pocketsphinx: the real external recognizer of the `command` engine tests; systemd, util-linux
+# (unshare, nsenter, setpriv), passwd (useradd) and python3-venv (install.sh builds /opt/smapd/venv
+# from /usr/bin/python3): the deploy tests under a namespaced systemd.
+APT_PACKAGES=(pocketsphinx pocketsphinx-en-us systemd util-linux passwd python3-venv)
 
 say() { printf '[tests/run.sh] %s\n' "$*" >&2; }
 
