@@ -1,0 +1,814 @@
+#!/usr/bin/env python3
+"""The chaos run (issue 5): several `smapd run` nodes on one spool, fed short real-speech clips and
+hostile files while a driver does harm at random moments; then every DESIGN.md §1 invariant is
+checked and one summary line is printed.
+
+    python bench/chaos.py                      # 300 files, 3 nodes, a random seed (printed)
+    python bench/chaos.py --seed 1234 --files 40 --minutes 4
+
+Faults, one at a time, at random moments while files are being dropped:
+
+- ``kill``: SIGKILL a node's daemon and its workers' process groups (a machine that crashes); the
+  node is restarted a few seconds later and must recover its own dead claims at once.
+- ``stop``: SIGSTOP a daemon for longer than the lease, then SIGCONT. Another node must take its
+  claims over; the woken node must notice and publish nothing for them.
+- ``worker``: SIGKILL one engine worker's process group mid-chunk (replaced, chunk retried).
+- ``full``: fill the spool's filesystem (a tmpfs of ``--spool-mb`` mounted for the run) with one
+  big file until ENOSPC, hold it, delete it.
+- ``ro``: make outbox/ unwritable: a read-only bind mount of outbox/ over itself, so every
+  create/rename into it fails with EROFS/EXDEV even for root (chmod does not stop root), then
+  unmount it.
+
+Hostile entries (empty, random bytes, text, video without audio, header only, a truncated FLAC,
+a dangling symlink, a FIFO, a directory) are dropped among the good files; each must end in
+failed/ with a report naming the reason.
+
+Checks at the end (DESIGN.md §1): every dropped name is in exactly one of inbox/, processing/,
+archive/, failed/ (inv. 1; at the end: archive/ or failed/); exactly one report per input (inv. 2);
+no temp or partial file in outbox/, every output listed by a report exists (inv. 3); no claim left
+in processing/ (inv. 4/5); every input published by exactly one node, so a stopped node whose
+claims were taken over published nothing (inv. 6, from the nodes' logs); no report with more
+attempts than SMAPD_MAX_ATTEMPTS (inv. 7); good files transcribed (success, non-empty .txt);
+hostile files failed with the expected reason (inv. 9). Exit status 0 only if all hold.
+
+Needs root for the tmpfs and the bind mount; without it the spool is a plain temp directory and
+the ``full`` and ``ro`` faults are skipped (a note says so).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+import helpers  # noqa: E402  (tests/helpers.py: audio fixture makers, no smapd import)
+import numpy as np  # noqa: E402
+
+SPEECH_DIRS = (REPO.parent / "shared" / "data" / "speech", Path("/work/shared/data/speech"), helpers.DATA_DIR)
+GOOD_FORMATS = ("wav", "wav44st", "flac", "ogg", "opus", "mp3", "m4a", "flac-as-wav")
+
+
+def log(msg: str) -> None:
+    print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Nodes: one `smapd run` process each
+# --------------------------------------------------------------------------------------------
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (the engine workers of a daemon), from /proc."""
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+class Node:
+    """A daemon process serving ``spool`` as node ``name``; restartable; logs to ``logdir``."""
+
+    def __init__(self, name: str, spool: Path, logdir: Path, env: dict[str, str],
+                 prefix: list[str] | None = None) -> None:
+        self.name, self.spool, self.logdir = name, spool, logdir
+        self.env = dict(env, SMAPD_SPOOL_DIR=str(spool), SMAPD_NODE=name)
+        self.prefix = prefix or []
+        self.proc: subprocess.Popen | None = None
+        self.lives = 0
+        self.stopped = False
+        self.logs: list[Path] = []
+
+    def start(self) -> None:
+        self.lives += 1
+        path = self.logdir / f"{self.name}.{self.lives}.log"
+        self.logs.append(path)
+        with open(path, "wb") as f:
+            self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "smapd.cli", "run"], env=self.env,
+                                         stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def workers(self) -> list[int]:
+        return children(self.pid) if self.alive() and self.pid else []
+
+    def wait_ready(self, timeout: float = 120) -> bool:
+        return helpers.wait_for(lambda: not self.alive() or "ready: watching" in self.log_text(), timeout,
+                                interval=0.2) and self.alive()
+
+    def log_text(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    def kill9(self) -> None:
+        """SIGKILL the daemon and every worker's process group: what a crashed machine leaves."""
+        if not self.alive():
+            return
+        workers = self.workers()
+        self.proc.send_signal(signal.SIGKILL)
+        for w in workers:
+            with _ignore():
+                os.killpg(w, signal.SIGKILL)
+        self.proc.wait()
+        self.stopped = False
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGSTOP)
+            self.stopped = True
+
+    def cont(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGCONT)
+        self.stopped = False
+
+    def terminate(self, timeout: float = 30) -> None:
+        """SIGTERM (graceful), then SIGKILL with the workers if it does not exit in time."""
+        if not self.alive():
+            return
+        self.cont()
+        workers = self.workers()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for w in workers:
+            with _ignore():
+                os.killpg(w, signal.SIGKILL)
+
+
+class _ignore:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, *_: object) -> bool:
+        return kind is not None and issubclass(kind, OSError)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Drop:
+    name: str
+    kind: str  # good format or hostile kind
+    good: bool
+    fragment: str = ""  # what the failed report's error must contain (hostile)
+    dropped_at: float = 0.0
+    done_at: float | None = None
+
+
+def speech_dir() -> Path:
+    for d in SPEECH_DIRS:
+        if (d / "manifest.tsv").exists():
+            return d
+    raise SystemExit("no speech clips found (../shared/data/speech or tests/data)")
+
+
+def make_pieces(rng: random.Random, work: Path, count: int) -> list[Path]:
+    """``count`` 16 kHz mono WAV pieces of 2-5 s cut from the speech part of English clips."""
+    d = speech_dir()
+    clips = [p for p, _ in helpers.manifest_clips("en", d) if p.exists()]
+    pcms = []
+    for p in clips:
+        pcm = helpers.decode_pcm16(p)
+        a, b = helpers.speech_bounds(pcm)
+        if b - a >= 2 * helpers.RATE:
+            pcms.append(pcm[a:b])
+    pieces = []
+    for i in range(count):
+        pcm = rng.choice(pcms)
+        dur = min(len(pcm), int(rng.uniform(2.0, 5.0) * helpers.RATE))
+        start = rng.randrange(0, len(pcm) - dur + 1)
+        pad = np.zeros(int(0.2 * helpers.RATE), dtype=np.int16)
+        pieces.append(helpers.write_pcm16_wav(work / f"piece{i:03d}.wav", np.concatenate([pad, pcm[start:start + dur], pad])))
+    return pieces
+
+
+def render_good(piece: Path, fmt: str, dst_dir: Path, stem: str) -> Path:
+    """``piece`` as format ``fmt``; returns the file (its name carries the suffix to drop it under)."""
+    if fmt == "wav":
+        dst = dst_dir / f"{stem}.wav"
+        shutil.copyfile(piece, dst)
+    elif fmt == "wav44st":
+        dst = helpers.write_speech_variant(piece, dst_dir / f"{stem}.wav", rate=44100, channels=2)
+    elif fmt == "flac":
+        dst = helpers.encode_audio(piece, dst_dir / f"{stem}.flac", "flac")
+    elif fmt == "ogg":
+        # PyAV's native vorbis encoder is "experimental" and refuses to open; Opus in Ogg it is
+        dst = helpers.encode_audio(piece, dst_dir / f"{stem}.ogg", "libopus", rate=16000, container_format="ogg")
+    elif fmt == "opus":
+        dst = helpers.encode_audio(piece, dst_dir / f"{stem}.opus", "libopus", rate=48000, layout="stereo",
+                                   container_format="ogg")
+    elif fmt == "mp3":
+        dst = helpers.encode_audio(piece, dst_dir / f"{stem}.mp3", "libmp3lame", rate=22050)
+    elif fmt == "m4a":
+        dst = helpers.encode_audio(piece, dst_dir / f"{stem}.m4a", "aac", container_format="mp4")
+    elif fmt == "flac-as-wav":  # a lying extension
+        tmp = helpers.encode_audio(piece, dst_dir / f"{stem}.tmp.flac", "flac")
+        dst = tmp.rename(dst_dir / f"{stem}.wav")
+    else:
+        raise ValueError(fmt)
+    return dst
+
+
+HOSTILE = {  # kind -> (suffix, expected fragment of the failed report's error)
+    "empty": (".wav", "empty (0 bytes)"),
+    "random": (".wav", "not a readable audio or video file"),
+    "text": (".mp3", "not a readable audio or video file"),
+    "video": (".mp4", "no audio track"),
+    "header-only": (".wav", "no audio"),
+    "truncated-flac": (".flac", ""),
+    "dangling-symlink": (".wav", "symbolic link"),
+    "fifo": (".wav", "FIFO"),
+    "directory": ("", "directory"),
+}
+
+
+def make_hostile(kind: str, dst: Path, piece: Path, seed: int) -> None:
+    """Create the hostile entry ``dst`` (for non-regular kinds: directly, they cannot be copied)."""
+    if kind == "empty":
+        helpers.write_empty(dst)
+    elif kind == "random":
+        helpers.write_random_bytes(dst, 32 * 1024, seed=seed)
+    elif kind == "text":
+        helpers.write_text_as(dst)
+    elif kind == "video":
+        helpers.write_video_without_audio(dst, seconds=1.0)
+    elif kind == "header-only":
+        helpers.write_truncated_copy(piece, dst, keep=44)
+    elif kind == "truncated-flac":
+        flac = helpers.encode_audio(piece, dst.with_name(dst.name + ".src.flac"), "flac")
+        helpers.write_truncated_copy(flac, dst, keep=30)
+        flac.unlink()
+    elif kind == "dangling-symlink":
+        os.symlink(f"/nonexistent/chaos-{seed}.wav", dst)
+    elif kind == "fifo":
+        os.mkfifo(dst)
+    elif kind == "directory":
+        dst.mkdir()
+        (dst / "inside.wav").write_bytes(b"")
+    else:
+        raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Fault:
+    kind: str
+    node: str | None
+    started: float
+    ended: float = 0.0
+    inflight: tuple[str, ...] = ()
+    recovered_at: float | None = None
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    rng: random.Random
+    root: Path
+    spool: Path
+    mounted: bool
+    nodes: list[Node] = field(default_factory=list)
+    drops: dict[str, Drop] = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+    feeding_done: threading.Event = field(default_factory=threading.Event)
+    stop_all: threading.Event = field(default_factory=threading.Event)
+    notes: list[str] = field(default_factory=list)
+    ro_mounted: bool = False
+    fill: Path | None = None
+    errors: list[str] = field(default_factory=list)
+
+    # --- where things are ---
+    def locations(self) -> dict[str, list[str]]:
+        """Original name -> the states it is found in (inbox, processing, archive, failed)."""
+        where: dict[str, list[str]] = defaultdict(list)
+        for state in ("inbox", "processing", "archive", "failed"):
+            try:
+                names = os.listdir(self.spool / state)
+            except OSError:
+                continue
+            for n in names:
+                if state == "inbox":
+                    if n.startswith(".") or n.endswith(".part"):
+                        continue
+                    where[n].append(state)
+                elif state == "processing":
+                    where[n.split("__", 1)[0]].append(state)
+                elif not n.endswith(".report.json"):
+                    where[n[13:]].append(state)  # "<job>.<orig>"
+        return where
+
+    def finished(self) -> set[str]:
+        return {n for n, w in self.locations().items() if any(s in ("archive", "failed") for s in w)}
+
+    def claims_of(self, node: str | None) -> tuple[str, ...]:
+        try:
+            names = os.listdir(self.spool / "processing")
+        except OSError:
+            return ()
+        return tuple(n.split("__", 1)[0] for n in names if node is None or f"__{node}_" in n)
+
+
+def feed(run: Run, pieces: list[Path], stage: Path) -> None:
+    """Drop the inputs in random bursts, keeping a backlog so faults hit files in flight."""
+    try:
+        _feed(run, pieces, stage)
+    except Exception as e:  # noqa: BLE001 - reported as a driver error; the run then fails
+        run.errors.append(f"feeder crashed: {e!r}")
+        raise
+    finally:
+        run.feeding_done.set()
+
+
+def _feed(run: Run, pieces: list[Path], stage: Path) -> None:
+    rng = random.Random(run.rng.random())
+    n = run.args.files
+    n_hostile = max(len(HOSTILE), round(n * run.args.hostile)) if n >= 20 else min(len(HOSTILE), n // 4)
+    kinds = [("hostile", k) for k in (list(HOSTILE) * n)[:n_hostile]]
+    kinds += [("good", GOOD_FORMATS[i % len(GOOD_FORMATS)]) for i in range(n - len(kinds))]
+    rng.shuffle(kinds)
+    inbox = run.spool / "inbox"
+    for i, (what, kind) in enumerate(kinds):
+        if run.stop_all.is_set():
+            break
+        while not run.stop_all.is_set():  # keep a backlog of about 3 files per node, no more
+            backlog = len(os.listdir(inbox)) + len(run.claims_of(None))
+            if backlog < 3 * len(run.nodes):
+                break
+            time.sleep(0.2)
+        stem = f"c{i:04d}-{kind}"
+        piece = pieces[rng.randrange(len(pieces))]
+        if what == "hostile":
+            suffix, fragment = HOSTILE[kind]
+            d = Drop(stem + suffix, kind, False, fragment)
+            _retry_enospc(run, lambda: _drop_hostile(run, d, piece, i))
+        else:
+            src = render_good(piece, kind, stage, stem)
+            d = Drop(src.name, kind, True)
+            _retry_enospc(run, lambda: _drop_file(run, src, d, in_place=rng.random() < 0.15))
+        d.dropped_at = time.monotonic()
+        run.drops[d.name] = d
+        time.sleep(rng.expovariate(1.0 / run.args.drop_gap) if rng.random() < 0.7 else 0.0)
+
+
+def _retry_enospc(run: Run, fn) -> None:
+    while True:
+        try:
+            fn()
+            return
+        except OSError as e:
+            if run.stop_all.is_set():
+                raise
+            log(f"drop failed ({e.strerror}); retrying")  # the spool is full: a fault holds it
+            time.sleep(0.5)
+
+
+def _drop_hostile(run: Run, d: Drop, piece: Path, seed: int) -> None:
+    inbox = run.spool / "inbox"
+    if d.kind in ("dangling-symlink", "fifo", "directory"):
+        tmp = inbox / f".{d.name}.part"  # made under an ignored name, then renamed in: one event
+        make_hostile(d.kind, tmp, piece, seed)
+        os.rename(tmp, inbox / d.name)
+    else:
+        tmp = run.root / "stage-h" / d.name
+        tmp.parent.mkdir(exist_ok=True)
+        make_hostile(d.kind, tmp, piece, seed)
+        _drop_file(run, tmp, d, in_place=False)
+
+
+def _drop_file(run: Run, src: Path, d: Drop, in_place: bool) -> None:
+    """Safe drop (copy to an ignored name, rename into inbox/) or, sometimes, a plain in-place write
+    in three parts with pauses (the daemon must wait for close-write / the settle time)."""
+    inbox = run.spool / "inbox"
+    data = src.read_bytes()
+    if in_place and data:
+        try:
+            with open(inbox / d.name, "wb") as f:
+                for k in range(3):
+                    f.write(data[k * len(data) // 3:(k + 1) * len(data) // 3])
+                    f.flush()
+                    time.sleep(0.3)
+        except OSError:
+            (inbox / d.name).unlink(missing_ok=True)  # nothing half-written stays behind
+            raise
+        return
+    tmp = inbox / f".{d.name}.part"
+    try:
+        tmp.write_bytes(data)
+        os.rename(tmp, inbox / d.name)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def monitor(run: Run) -> None:
+    """Stamp each input's finishing time and each fault's recovery time."""
+    while not run.stop_all.is_set():
+        done = run.finished()
+        now = time.monotonic()
+        for name in done:
+            d = run.drops.get(name)
+            if d is not None and d.done_at is None:
+                d.done_at = now
+        for f in run.faults:
+            if f.recovered_at is None and f.ended and all(n in done for n in f.inflight):
+                f.recovered_at = now
+        time.sleep(0.25)
+
+
+def harm(run: Run) -> None:
+    """One fault at a time, at random moments, until the feeding is done."""
+    rng = random.Random(run.rng.random())
+    a = run.args
+    kinds = ["kill", "stop", "worker", "full", "ro"]
+    weights = [3, 2, 3, 2, 2]
+    if not run.mounted:
+        run.notes.append("no tmpfs/bind mounts (not root?): the 'full' and 'ro' faults were skipped")
+        weights[3] = weights[4] = 0
+    time.sleep(rng.uniform(2, 5))
+    while not run.stop_all.is_set() and not (run.feeding_done.is_set() and len(run.faults) >= a.min_faults):
+        if run.feeding_done.is_set() and not run.claims_of(None) and not os.listdir(run.spool / "inbox"):
+            break  # nothing left to harm
+        kind = rng.choices(kinds, weights)[0]
+        live = [n for n in run.nodes if n.alive() and not n.stopped]
+        if kind in ("kill", "stop", "worker") and len(live) < 2:
+            kind = "full" if run.mounted else "worker"
+        node = rng.choice(live) if live else None
+        if kind == "worker":
+            busy = [n for n in live if n.workers()]
+            node = rng.choice(busy) if busy else node
+        f = Fault(kind, node.name if node and kind in ("kill", "stop", "worker") else None, time.monotonic())
+        f.inflight = run.claims_of(f.node)  # recovery: until all of these are finished
+        run.faults.append(f)
+        try:
+            _do_fault(run, f, node, rng)
+        except Exception as e:  # noqa: BLE001 - the driver reports, never dies half-way
+            run.errors.append(f"fault {kind} failed to apply: {e!r}")
+        f.ended = time.monotonic()
+        log(f"fault {len(run.faults)}: {kind}{' on ' + f.node if f.node else ''} "
+            f"({f.ended - f.started:.1f} s, {len(f.inflight)} file(s) in flight)")
+        time.sleep(rng.uniform(a.gap_min, a.gap_max))
+
+
+def _do_fault(run: Run, f: Fault, node: Node | None, rng: random.Random) -> None:
+    lease = run.args.lease
+    if f.kind == "kill":
+        assert node is not None
+        node.kill9()
+        time.sleep(rng.uniform(2, 8))
+        node.start()
+        node.wait_ready(60)
+    elif f.kind == "stop":
+        assert node is not None
+        node.stop()
+        time.sleep(lease + rng.uniform(3, 8))
+        node.cont()
+    elif f.kind == "worker":
+        assert node is not None
+        pids = node.workers()
+        if pids:
+            with _ignore():
+                os.killpg(rng.choice(pids), signal.SIGKILL)
+    elif f.kind == "full":
+        fill_spool(run)
+        time.sleep(rng.uniform(3, 7))
+        free_spool(run)
+    elif f.kind == "ro":
+        outbox_ro(run, True)
+        time.sleep(rng.uniform(3, 7))
+        outbox_ro(run, False)
+
+
+def fill_spool(run: Run) -> None:
+    run.fill = run.spool / "chaos-fill.bin"
+    block = b"\0" * (4 << 20)
+    with open(run.fill, "wb") as f:
+        try:
+            while True:
+                f.write(block)
+                f.flush()
+        except OSError:
+            pass
+    with _ignore():  # and the last few KB
+        with open(run.fill, "ab") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+
+
+def free_spool(run: Run) -> None:
+    if run.fill is not None:
+        run.fill.unlink(missing_ok=True)
+        run.fill = None
+
+
+def outbox_ro(run: Run, on: bool) -> None:
+    out = str(run.spool / "outbox")
+    if on and not run.ro_mounted:
+        subprocess.run(["mount", "--bind", out, out], check=True)
+        run.ro_mounted = True
+        subprocess.run(["mount", "-o", "remount,bind,ro", out], check=True)
+    elif not on and run.ro_mounted:
+        subprocess.run(["umount", out], check=True)
+        run.ro_mounted = False
+
+
+def restore(run: Run) -> None:
+    """Undo every fault: wake stopped nodes, restart dead ones, free space, outbox writable."""
+    free_spool(run)
+    with _ignore():
+        outbox_ro(run, False)
+    for n in run.nodes:
+        if n.stopped:
+            n.cont()
+        if not n.alive():
+            n.start()
+
+
+# --------------------------------------------------------------------------------------------
+# The checks
+# --------------------------------------------------------------------------------------------
+
+def check(run: Run) -> dict:
+    """Every DESIGN.md §1 invariant over the final spool; returns the figures and the problems."""
+    sp = run.spool
+    problems: list[str] = []
+    where = run.locations()
+    lost, orphaned, unfinished, duplicated = [], [], [], set()
+    transcribed, failed_ok, good_failed, hostile_wrong = 0, 0, [], []
+    # inv. 1: exactly one place; at the end archive/ or failed/
+    for name, d in run.drops.items():
+        w = where.get(name, [])
+        if not w:
+            lost.append(name)
+        elif len(w) > 1:
+            duplicated.add(name)
+            problems.append(f"{name} is in {w}")
+        elif w[0] == "processing":
+            orphaned.append(name)
+        elif w[0] == "inbox":
+            unfinished.append(name)
+    unknown = sorted(set(where) - set(run.drops))
+    if unknown:
+        problems.append(f"entries nobody dropped: {unknown[:5]}")
+    # inv. 2 and 3: reports, outputs, temp files
+    reports: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    listed: set[str] = set()
+    for p in sorted((sp / "outbox").iterdir()):
+        if p.name.startswith(".") or p.name.endswith((".tmp", ".part")):
+            problems.append(f"temp/partial file in outbox/: {p.name}")
+        if p.name.endswith(".report.json"):
+            r = json.loads(p.read_bytes())
+            reports[r["job"]["original_name"]].append(("outbox", r))
+            listed.add(p.name)
+            for out in (r.get("outputs") or {}).values():
+                listed.add(out)
+                if not (sp / "outbox" / out).is_file():
+                    problems.append(f"{p.name} lists {out}, which is missing")
+    stray = sorted(p.name for p in (sp / "outbox").iterdir() if p.name not in listed)
+    if stray:
+        problems.append(f"outbox/ files no report lists: {stray[:5]}")
+    for p in sorted((sp / "failed").iterdir()):
+        if p.name.endswith(".report.json"):
+            r = json.loads(p.read_bytes())
+            reports[p.name[13:-len(".report.json")]].append(("failed", r))
+        elif not (sp / "failed" / f"{p.name}.report.json").exists():
+            problems.append(f"failed/{p.name} has no report")
+    for name, d in run.drops.items():
+        rs = reports.get(name, [])
+        if len(rs) > 1:
+            duplicated.add(name)
+            problems.append(f"{name} has {len(rs)} reports")
+        w = where.get(name, [])
+        if not rs:
+            if w and w[0] in ("archive", "failed"):
+                problems.append(f"{name} finished in {w[0]}/ without a report")
+            continue
+        kind, r = rs[0]
+        attempts = (r.get("job") or {}).get("attempt") or 0
+        if attempts > run.args.max_attempts:
+            problems.append(f"{name}: attempt {attempts} > SMAPD_MAX_ATTEMPTS")
+        if d.good:
+            txt = sp / "outbox" / (r.get("outputs") or {}).get(".txt", "-")
+            if kind == "outbox" and r["outcome"] == "success" and txt.is_file() and txt.read_text().strip():
+                transcribed += 1
+            else:
+                good_failed.append(f"{name}: {kind} {r.get('outcome')} {r.get('error')}")
+        else:
+            if kind == "failed" and d.fragment in (r.get("error") or ""):
+                failed_ok += 1
+            else:
+                hostile_wrong.append(f"{name}: {kind} {r.get('outcome')} {r.get('error')}")
+    # inv. 6: each input published by one node only (a stopped node must not publish what was taken)
+    published: dict[str, list[str]] = defaultdict(list)
+    taken_warnings = 0
+    for n in run.nodes:
+        text = n.log_text()
+        taken_warnings += text.count("publish nothing") + text.count("publishing nothing")
+        for line in text.splitlines():
+            if ": published " in line and " outputs as " in line:
+                published[line.split(" INFO ", 1)[-1].strip().split(": published ", 1)[0]].append(n.name)
+    for name, who in published.items():
+        if len(who) > 1:
+            duplicated.add(name)
+            problems.append(f"{name} published {len(who)} times (by {who})")
+    stems_left = os.listdir(sp / ".smapd" / "stems") if (sp / ".smapd" / "stems").exists() else []
+    if stems_left:
+        problems.append(f"stem reservations left in .smapd/stems: {stems_left[:5]}")
+    tracebacks = sum(n.log_text().count("Traceback") for n in run.nodes)
+    return {"lost": lost, "orphaned": orphaned, "unfinished": unfinished, "duplicated": sorted(duplicated),
+            "transcribed": transcribed, "failed_ok": failed_ok, "good_failed": good_failed,
+            "hostile_wrong": hostile_wrong, "problems": problems, "taken_warnings": taken_warnings,
+            "tracebacks": tracebacks}
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=None, help="replay a run (default: random, printed)")
+    p.add_argument("--files", type=int, default=300, help="inputs to drop (good and hostile)")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--minutes", type=float, default=30, help="give up (and fail) after this long")
+    p.add_argument("--hostile", type=float, default=0.04, help="fraction of hostile inputs (at least one of each kind)")
+    p.add_argument("--min-faults", type=int, default=0, help="keep injecting faults until this many (while files remain)")
+    p.add_argument("--gap-min", type=float, default=3.0, help="seconds between faults, at least")
+    p.add_argument("--gap-max", type=float, default=10.0, help="seconds between faults, at most")
+    p.add_argument("--drop-gap", type=float, default=0.5, help="mean pause between drops (s)")
+    p.add_argument("--lease", type=float, default=9.0, help="SMAPD_LEASE_SECONDS of the nodes")
+    p.add_argument("--max-attempts", type=int, default=3, help="SMAPD_MAX_ATTEMPTS of the nodes")
+    p.add_argument("--spool-mb", type=int, default=160, help="size of the tmpfs the spool lives on")
+    p.add_argument("--beam-size", type=int, default=1, help="SMAPD_BEAM_SIZE (1: fastest)")
+    p.add_argument("--model-cache", default=os.environ.get("SMAPD_MODEL_CACHE", ""))
+    p.add_argument("--keep", action="store_true", help="keep the run directory (logs, spool copy)")
+    return p.parse_args(argv)
+
+
+def node_env(args: argparse.Namespace) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMAPD_") and k not in (
+        "MAX_PARALLEL_WORKERS", "USE_PARALLEL_TRANSCRIPTION", "MAX_CONCURRENT_JOBS", "CHUNK_TIMEOUT",
+        "NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
+               MAX_PARALLEL_WORKERS="1", SMAPD_CPU_THREADS="1", MAX_CONCURRENT_JOBS="1", CHUNK_TIMEOUT="30",
+               SMAPD_LANGUAGE="en", SMAPD_FORMATS="txt,srt", SMAPD_BEAM_SIZE=str(args.beam_size),
+               SMAPD_LEASE_SECONDS=str(args.lease), SMAPD_RESCAN_SECONDS="1", SMAPD_SETTLE_SECONDS="1",
+               SMAPD_MAX_ATTEMPTS=str(args.max_attempts), SMAPD_SHUTDOWN_GRACE_SECONDS="15",
+               SMAPD_WATCH="auto", SMAPD_LOG_LEVEL="INFO")
+    if args.model_cache:
+        env["SMAPD_MODEL_CACHE"] = args.model_cache
+    return env
+
+
+def mount_tmpfs(path: Path, mb: int) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m,mode=0755", "smapd-chaos", str(path)],
+                       capture_output=True, text=True)
+    return r.returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
+    print(f"chaos: seed {seed} (replay: python bench/chaos.py --seed {seed} --files {args.files} "
+          f"--nodes {args.nodes})", flush=True)
+    rng = random.Random(seed)
+    root = Path(tempfile.mkdtemp(prefix="smapd-chaos-"))
+    spool = root / "spool"
+    spool.mkdir()
+    mounted = mount_tmpfs(spool, args.spool_mb)
+    if not mounted:
+        print(f"chaos: note: could not mount a tmpfs (needs root); the spool is a plain directory {spool}, "
+              f"and the disk-full and read-only-outbox faults are skipped", flush=True)
+    run = Run(args, rng, root, spool, mounted)
+    threads: list[threading.Thread] = []
+    interrupted = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        interrupted.append(signum)
+        run.stop_all.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stage = root / "stage"
+        stage.mkdir()
+        pieces = make_pieces(rng, stage, max(8, min(60, args.files // 5)))
+        for sub in ("inbox", "processing", "outbox", "archive", "failed"):
+            (spool / sub).mkdir(exist_ok=True)
+        env = node_env(args)
+        run.nodes = [Node(f"n{i + 1}", spool, root, env) for i in range(args.nodes)]
+        for n in run.nodes:
+            n.start()
+        for n in run.nodes:
+            if not n.wait_ready(180):
+                print(n.log_text()[-3000:], file=sys.stderr)
+                raise SystemExit(f"chaos: node {n.name} did not become ready")
+        log(f"{args.nodes} nodes ready on {spool} ({'tmpfs ' + str(args.spool_mb) + ' MB' if mounted else 'plain dir'})")
+        t0 = time.monotonic()
+        deadline = t0 + args.minutes * 60
+        threads = [threading.Thread(target=fn, args=a, name=fn.__name__, daemon=True)
+                   for fn, a in ((feed, (run, pieces, stage)), (monitor, (run,)), (harm, (run,)))]
+        for t in threads:
+            t.start()
+        threads[2].join(timeout=max(0, deadline - time.monotonic()))
+        threads[0].join(timeout=max(0, deadline - time.monotonic()))
+        restore(run)
+        for n in run.nodes:
+            n.wait_ready(60)
+        log("feeding and faults done; waiting for the spool to drain")
+        helpers.wait_for(lambda: run.stop_all.is_set() or (
+            not [x for x in os.listdir(spool / "inbox")] and not run.claims_of(None)
+            and all(d.done_at is not None for d in run.drops.values())), max(0, deadline - time.monotonic()), 0.5)
+        t_end = max([d.done_at for d in run.drops.values() if d.done_at] or [time.monotonic()])
+        for n in run.nodes:
+            n.terminate()
+        run.stop_all.set()
+        for t in threads:
+            t.join(timeout=10)
+        result = check(run)
+    finally:
+        run.stop_all.set()
+        for n in run.nodes:
+            with _ignore():
+                n.cont()
+            with _ignore():
+                n.kill9()
+        with _ignore():
+            free_spool(run)
+        with _ignore():
+            outbox_ro(run, False)
+        logs_dir = root
+        if mounted and args.keep:
+            shutil.copytree(spool, root / "spool-copy", symlinks=True, ignore_dangling_symlinks=True,
+                            ignore=lambda d, names: [n for n in names if not (Path(d) / n).is_file()
+                                                     and not (Path(d) / n).is_dir()])
+        if mounted:
+            subprocess.run(["umount", str(spool)], check=False)
+        for s, h in old.items():
+            signal.signal(s, h)
+    if interrupted:
+        print("chaos: interrupted", file=sys.stderr)
+        return 130
+    # ------- the figures -------
+    counts = Counter(f.kind for f in run.faults)
+    recoveries = [f.recovered_at - f.started for f in run.faults if f.recovered_at and f.inflight]
+    wall = t_end - t0
+    n_done = result["transcribed"] + result["failed_ok"]
+    for label, items in (("LOST", result["lost"]), ("ORPHANED CLAIM", result["orphaned"]),
+                         ("UNFINISHED (still in inbox/)", result["unfinished"]),
+                         ("DUPLICATED", result["duplicated"]), ("GOOD FILE FAILED", result["good_failed"]),
+                         ("HOSTILE FILE NOT FAILED AS EXPECTED", result["hostile_wrong"]),
+                         ("PROBLEM", result["problems"]), ("DRIVER ERROR", run.errors)):
+        for it in items:
+            print(f"chaos: {label}: {it}", flush=True)
+    for note in run.notes:
+        print(f"chaos: note: {note}")
+    print(f"chaos: faults {len(run.faults)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); "
+          f"taken-over claims noticed by their old owner: {result['taken_warnings']}; "
+          f"tracebacks in node logs: {result['tracebacks']}; node restarts: "
+          f"{sum(n.lives - 1 for n in run.nodes)}; logs in {logs_dir}", flush=True)
+    summary = (f"files {len(run.drops)} · transcribed {result['transcribed']} · failed-as-expected {result['failed_ok']} · "
+               f"lost {len(result['lost'])} · duplicated {len(result['duplicated'])} · "
+               f"orphaned claims {len(result['orphaned'])} · faults {len(run.faults)} · "
+               f"max recovery {max(recoveries, default=0):.0f} s · throughput {n_done / wall if wall > 0 else 0:.2f} files/s")
+    print(summary, flush=True)
+    bad = (result["lost"] or result["orphaned"] or result["unfinished"] or result["duplicated"]
+           or result["good_failed"] or result["hostile_wrong"] or result["problems"] or run.errors
+           or len(run.drops) < args.files)
+    if not bad and not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
