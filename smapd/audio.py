@@ -7,6 +7,7 @@ copy it needs never exceeds one block.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from dataclasses import dataclass
@@ -284,8 +285,7 @@ def silence_chunks(samples: np.ndarray, limit: float, *, probs: np.ndarray | Non
     while start < duration - 0.05:
         end = duration if duration - start <= limit else _cut_point(probs, start + limit / 2, start + limit)
         # A long dead silence ends the chunk: no point decoding it, and Whisper invents text in it.
-        gap = next((b for b, a in zip([b for _, b in live], [a for a, _ in live[1:]])
-                    if start < b < end and a - b > 10.0), None)
+        gap = next((b for (_, b), (a, _) in itertools.pairwise(live) if start < b < end and a - b > 10.0), None)
         end = gap if gap is not None else end
         # Trim the chunk to live audio: a dead silence at its edges is not worth a decoder's time.
         inside = [(max(a, start), min(b, end)) for a, b in live if b > start and a < end]

@@ -155,6 +155,8 @@ class Daemon:
         def run() -> None:
             try:
                 fn()
+            except OSError as e:  # disk full, NFS hiccup: one line, it is retried on the next tick
+                logger.error("scheduled job {} failed: {}", getattr(fn, "__name__", fn), e)
             except Exception as e:  # noqa: BLE001 - the one boundary for scheduled jobs
                 logger.opt(exception=e).error("scheduled job {} failed: {}", getattr(fn, "__name__", fn), e)
         run.__name__ = getattr(fn, "__name__", "job")
@@ -227,6 +229,10 @@ class Daemon:
                 self.completed += 1
             elif outcome == "failed":
                 self.failed += 1
+        except (OSError, SmapdError) as e:  # disk full, unwritable outbox, ...: retried as the next attempt
+            logger.error("{}: job {} could not finish: {}; its claim stays in processing/ and is retried when "
+                         "its lease runs out (attempt {} of {})", claim.original_name, claim.job_id, e,
+                         claim.attempt, self.settings.max_attempts)
         except Exception as e:  # noqa: BLE001 - the job boundary: log, leave the claim for recovery
             logger.opt(exception=e).error("{}: job {} crashed: {}; its claim stays for recovery",
                                           claim.original_name, claim.job_id, e)

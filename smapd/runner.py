@@ -160,7 +160,12 @@ def execute(path: Path, pool: Pool, config: JobConfig, *, job: dict[str, Any], d
         error = f"no chunk could be transcribed ({len(transcript.chunks)} failed): {'; '.join(errors)}"[:600]
     files = writers.render(transcript, config.formats, config.words) \
         if transcript is not None and outcome is not Outcome.FAILED else {}
-    names = outputs(tuple(files)) if outputs else {suffix: Path(name).stem + suffix for suffix in files}
+    if not files:
+        names: dict[str, str] = {}
+    elif outputs:
+        names = outputs(tuple(files))
+    else:
+        names = {suffix: Path(name).stem + suffix for suffix in files}
     if transcript is not None and transcript.warning:
         job = {**job, "warning": transcript.warning}
     report = writers.build_report(
@@ -199,13 +204,19 @@ def run_claim(claim: Any, spool: Any, pool: Pool, config: JobConfig, *, node: st
     its lease runs out, and it is retried as the next attempt.
     """
     log = logger.bind(job=claim.original_name)
-    stem = spool.output_stem(claim)
     log.info("{}: job {} started (attempt {}, node {})", claim.original_name, claim.job_id, claim.attempt, node)
-    job = {"id": claim.job_id, "attempt": claim.attempt, "node": node, "claimed_as": claim.path.name,
-           "original_name": claim.original_name, "output_stem": stem,
-           "attempts": getattr(claim, "history", None)}
+    job: dict[str, Any] = {"id": claim.job_id, "attempt": claim.attempt, "node": node,
+                           "claimed_as": claim.path.name, "original_name": claim.original_name,
+                           "output_stem": None, "attempts": list(getattr(claim, "history", ()) or ())}
+
+    def names(suffixes: tuple[str, ...]) -> dict[str, str]:
+        # The stem is reserved only when there is something to publish: a failed job holds none.
+        job["output_stem"] = spool.output_stem(claim)
+        return {s: job["output_stem"] + s for s in suffixes}
+
     result = execute(claim.path, pool, config, job=job, display_name=claim.original_name, key=claim.job_id,
-                     outputs=lambda suffixes: {s: stem + s for s in suffixes}, on_progress=on_progress)
+                     outputs=names, on_progress=on_progress)
+    stem = job["output_stem"]
     if lost.is_set():
         log.warning("{}: claim lost to another node during the job; publishing nothing", claim.original_name)
         return "lost"

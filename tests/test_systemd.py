@@ -11,10 +11,12 @@ pinging is killed by the watchdog and restarted, a second install changes nothin
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +29,22 @@ from systemd_env import Namespace, wait_for
 pytestmark = pytest.mark.systemd
 
 REPO = Path(__file__).resolve().parent.parent
-INSTALL = REPO / "install.sh"
+
+
+def _source_tree() -> Path:
+    """The checkout, seen from inside the namespace: one under /tmp (CI clones anywhere) is hidden
+    by the namespace's own tmpfs there, so it is copied under /var/lib for the run."""
+    if not any(str(REPO).startswith(p + "/") for p in systemd_env.TMPFS):
+        return REPO
+    copy = Path(tempfile.mkdtemp(prefix="smapd-test-src-", dir="/var/lib"))
+    copy.chmod(0o755)
+    shutil.copytree(REPO, copy / "smapd", symlinks=True,
+                    ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", ".pytest_cache", "*.egg-info"))
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    return copy / "smapd"
+
+
+INSTALL = _source_tree() / "install.sh"
 UNIT_SRC = REPO / "systemd" / "smapd.service"
 UNIT = "/etc/systemd/system/smapd.service"
 DROPIN_DIR = "/etc/systemd/system/smapd.service.d"
