@@ -34,6 +34,7 @@ hostile files failed with the expected reason (inv. 9). Exit status 0 only if al
 Needs root for the tmpfs and the bind mount; without it the spool is a plain temp directory and
 the ``full`` and ``ro`` faults are skipped (a note says so).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,8 +55,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-import helpers  # noqa: E402  (tests/helpers.py: audio fixture makers, no smapd import)
-import numpy as np  # noqa: E402
+import helpers
+import numpy as np
 
 SPEECH_DIRS = (REPO.parent / "shared" / "data" / "speech", Path("/work/shared/data/speech"), helpers.DATA_DIR)
 GOOD_FORMATS = ("wav", "wav44st", "flac", "ogg", "opus", "mp3", "m4a", "flac-as-wav")
@@ -69,6 +69,7 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Nodes: one `smapd run` process each
 # --------------------------------------------------------------------------------------------
+
 
 def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (the engine workers of a daemon), from /proc."""
@@ -85,8 +86,9 @@ def children(pid: int) -> list[int]:
 class Node:
     """A daemon process serving ``spool`` as node ``name``; restartable; logs to ``logdir``."""
 
-    def __init__(self, name: str, spool: Path, logdir: Path, env: dict[str, str],
-                 prefix: list[str] | None = None) -> None:
+    def __init__(
+        self, name: str, spool: Path, logdir: Path, env: dict[str, str], prefix: list[str] | None = None
+    ) -> None:
         self.name, self.spool, self.logdir = name, spool, logdir
         self.env = dict(env, SMAPD_SPOOL_DIR=str(spool), SMAPD_NODE=name)
         self.prefix = prefix or []
@@ -100,8 +102,14 @@ class Node:
         path = self.logdir / f"{self.name}.{self.lives}.log"
         self.logs.append(path)
         with open(path, "wb") as f:
-            self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "smapd.cli", "run"], env=self.env,
-                                         stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
+            self.proc = subprocess.Popen(
+                [*self.prefix, sys.executable, "-m", "smapd.cli", "run"],
+                env=self.env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+            )
 
     @property
     def pid(self) -> int | None:
@@ -114,8 +122,12 @@ class Node:
         return children(self.pid) if self.alive() and self.pid else []
 
     def wait_ready(self, timeout: float = 120) -> bool:
-        return helpers.wait_for(lambda: not self.alive() or "ready: watching" in self.log_text(), timeout,
-                                interval=0.2) and self.alive()
+        return (
+            helpers.wait_for(
+                lambda: not self.alive() or "ready: watching" in self.log_text(), timeout, interval=0.2
+            )
+            and self.alive()
+        )
 
     def log_text(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
@@ -171,6 +183,7 @@ class _ignore:
 # Inputs
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Drop:
     name: str
@@ -204,7 +217,11 @@ def make_pieces(rng: random.Random, work: Path, count: int) -> list[Path]:
         dur = min(len(pcm), int(rng.uniform(2.0, 5.0) * helpers.RATE))
         start = rng.randrange(0, len(pcm) - dur + 1)
         pad = np.zeros(int(0.2 * helpers.RATE), dtype=np.int16)
-        pieces.append(helpers.write_pcm16_wav(work / f"piece{i:03d}.wav", np.concatenate([pad, pcm[start:start + dur], pad])))
+        pieces.append(
+            helpers.write_pcm16_wav(
+                work / f"piece{i:03d}.wav", np.concatenate([pad, pcm[start : start + dur], pad])
+            )
+        )
     return pieces
 
 
@@ -219,10 +236,13 @@ def render_good(piece: Path, fmt: str, dst_dir: Path, stem: str) -> Path:
         dst = helpers.encode_audio(piece, dst_dir / f"{stem}.flac", "flac")
     elif fmt == "ogg":
         # PyAV's native vorbis encoder is "experimental" and refuses to open; Opus in Ogg it is
-        dst = helpers.encode_audio(piece, dst_dir / f"{stem}.ogg", "libopus", rate=16000, container_format="ogg")
+        dst = helpers.encode_audio(
+            piece, dst_dir / f"{stem}.ogg", "libopus", rate=16000, container_format="ogg"
+        )
     elif fmt == "opus":
-        dst = helpers.encode_audio(piece, dst_dir / f"{stem}.opus", "libopus", rate=48000, layout="stereo",
-                                   container_format="ogg")
+        dst = helpers.encode_audio(
+            piece, dst_dir / f"{stem}.opus", "libopus", rate=48000, layout="stereo", container_format="ogg"
+        )
     elif fmt == "mp3":
         dst = helpers.encode_audio(piece, dst_dir / f"{stem}.mp3", "libmp3lame", rate=22050)
     elif fmt == "m4a":
@@ -278,6 +298,7 @@ def make_hostile(kind: str, dst: Path, piece: Path, seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Fault:
@@ -341,7 +362,7 @@ def feed(run: Run, pieces: list[Path], stage: Path) -> None:
     """Drop the inputs in random bursts, keeping a backlog so faults hit files in flight."""
     try:
         _feed(run, pieces, stage)
-    except Exception as e:  # noqa: BLE001 - reported as a driver error; the run then fails
+    except Exception as e:
         run.errors.append(f"feeder crashed: {e!r}")
         raise
     finally:
@@ -369,11 +390,12 @@ def _feed(run: Run, pieces: list[Path], stage: Path) -> None:
         if what == "hostile":
             suffix, fragment = HOSTILE[kind]
             d = Drop(stem + suffix, kind, False, fragment)
-            _retry_enospc(run, lambda: _drop_hostile(run, d, piece, i))
+            _retry_enospc(run, lambda d=d, piece=piece, i=i: _drop_hostile(run, d, piece, i))
         else:
             src = render_good(piece, kind, stage, stem)
             d = Drop(src.name, kind, True)
-            _retry_enospc(run, lambda: _drop_file(run, src, d, in_place=rng.random() < 0.15))
+            in_place = rng.random() < 0.15
+            _retry_enospc(run, lambda src=src, d=d, ip=in_place: _drop_file(run, src, d, in_place=ip))
         d.dropped_at = time.monotonic()
         run.drops[d.name] = d
         time.sleep(rng.expovariate(1.0 / run.args.drop_gap) if rng.random() < 0.7 else 0.0)
@@ -413,7 +435,7 @@ def _drop_file(run: Run, src: Path, d: Drop, in_place: bool) -> None:
         try:
             with open(inbox / d.name, "wb") as f:
                 for k in range(3):
-                    f.write(data[k * len(data) // 3:(k + 1) * len(data) // 3])
+                    f.write(data[k * len(data) // 3 : (k + 1) * len(data) // 3])
                     f.flush()
                     time.sleep(0.3)
         except OSError:
@@ -473,8 +495,10 @@ def harm(run: Run) -> None:
         except Exception as e:  # noqa: BLE001 - the driver reports, never dies half-way
             run.errors.append(f"fault {kind} failed to apply: {e!r}")
         f.ended = time.monotonic()
-        log(f"fault {len(run.faults)}: {kind}{' on ' + f.node if f.node else ''} "
-            f"({f.ended - f.started:.1f} s, {len(f.inflight)} file(s) in flight)")
+        log(
+            f"fault {len(run.faults)}: {kind}{' on ' + f.node if f.node else ''} "
+            f"({f.ended - f.started:.1f} s, {len(f.inflight)} file(s) in flight)"
+        )
         time.sleep(rng.uniform(a.gap_min, a.gap_max))
 
 
@@ -517,11 +541,10 @@ def fill_spool(run: Run) -> None:
                 f.flush()
         except OSError:
             pass
-    with _ignore():  # and the last few KB
-        with open(run.fill, "ab") as f:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
+    with _ignore(), open(run.fill, "ab") as f:  # and the last few KB
+        while True:
+            f.write(b"\0" * 4096)
+            f.flush()
 
 
 def free_spool(run: Run) -> None:
@@ -556,6 +579,7 @@ def restore(run: Run) -> None:
 # --------------------------------------------------------------------------------------------
 # The checks
 # --------------------------------------------------------------------------------------------
+
 
 def check(run: Run) -> dict:
     """Every DESIGN.md §1 invariant over the final spool; returns the figures and the problems."""
@@ -599,7 +623,7 @@ def check(run: Run) -> dict:
     for p in sorted((sp / "failed").iterdir()):
         if p.name.endswith(".report.json"):
             r = json.loads(p.read_bytes())
-            reports[p.name[13:-len(".report.json")]].append(("failed", r))
+            reports[p.name[13 : -len(".report.json")]].append(("failed", r))
         elif not (sp / "failed" / f"{p.name}.report.json").exists():
             problems.append(f"failed/{p.name} has no report")
     for name, d in run.drops.items():
@@ -644,24 +668,40 @@ def check(run: Run) -> dict:
     if stems_left:
         problems.append(f"stem reservations left in .smapd/stems: {stems_left[:5]}")
     tracebacks = sum(n.log_text().count("Traceback") for n in run.nodes)
-    return {"lost": lost, "orphaned": orphaned, "unfinished": unfinished, "duplicated": sorted(duplicated),
-            "transcribed": transcribed, "failed_ok": failed_ok, "good_failed": good_failed,
-            "hostile_wrong": hostile_wrong, "problems": problems, "taken_warnings": taken_warnings,
-            "tracebacks": tracebacks}
+    return {
+        "lost": lost,
+        "orphaned": orphaned,
+        "unfinished": unfinished,
+        "duplicated": sorted(duplicated),
+        "transcribed": transcribed,
+        "failed_ok": failed_ok,
+        "good_failed": good_failed,
+        "hostile_wrong": hostile_wrong,
+        "problems": problems,
+        "taken_warnings": taken_warnings,
+        "tracebacks": tracebacks,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seed", type=int, default=None, help="replay a run (default: random, printed)")
     p.add_argument("--files", type=int, default=300, help="inputs to drop (good and hostile)")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--minutes", type=float, default=30, help="give up (and fail) after this long")
-    p.add_argument("--hostile", type=float, default=0.04, help="fraction of hostile inputs (at least one of each kind)")
-    p.add_argument("--min-faults", type=int, default=0, help="keep injecting faults until this many (while files remain)")
+    p.add_argument(
+        "--hostile", type=float, default=0.04, help="fraction of hostile inputs (at least one of each kind)"
+    )
+    p.add_argument(
+        "--min-faults", type=int, default=0, help="keep injecting faults until this many (while files remain)"
+    )
     p.add_argument("--gap-min", type=float, default=3.0, help="seconds between faults, at least")
     p.add_argument("--gap-max", type=float, default=10.0, help="seconds between faults, at most")
     p.add_argument("--drop-gap", type=float, default=0.5, help="mean pause between drops (s)")
@@ -675,15 +715,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def node_env(args: argparse.Namespace) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMAPD_") and k not in (
-        "MAX_PARALLEL_WORKERS", "USE_PARALLEL_TRANSCRIPTION", "MAX_CONCURRENT_JOBS", "CHUNK_TIMEOUT",
-        "NOTIFY_SOCKET", "WATCHDOG_USEC")}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
-               MAX_PARALLEL_WORKERS="1", SMAPD_CPU_THREADS="1", MAX_CONCURRENT_JOBS="1", CHUNK_TIMEOUT="30",
-               SMAPD_LANGUAGE="en", SMAPD_FORMATS="txt,srt", SMAPD_BEAM_SIZE=str(args.beam_size),
-               SMAPD_LEASE_SECONDS=str(args.lease), SMAPD_RESCAN_SECONDS="1", SMAPD_SETTLE_SECONDS="1",
-               SMAPD_MAX_ATTEMPTS=str(args.max_attempts), SMAPD_SHUTDOWN_GRACE_SECONDS="15",
-               SMAPD_WATCH="auto", SMAPD_LOG_LEVEL="INFO")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SMAPD_")
+        and k
+        not in (
+            "MAX_PARALLEL_WORKERS",
+            "USE_PARALLEL_TRANSCRIPTION",
+            "MAX_CONCURRENT_JOBS",
+            "CHUNK_TIMEOUT",
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+        )
+    }
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
+        MAX_PARALLEL_WORKERS="1",
+        SMAPD_CPU_THREADS="1",
+        MAX_CONCURRENT_JOBS="1",
+        CHUNK_TIMEOUT="30",
+        SMAPD_LANGUAGE="en",
+        SMAPD_FORMATS="txt,srt",
+        SMAPD_BEAM_SIZE=str(args.beam_size),
+        SMAPD_LEASE_SECONDS=str(args.lease),
+        SMAPD_RESCAN_SECONDS="1",
+        SMAPD_SETTLE_SECONDS="1",
+        SMAPD_MAX_ATTEMPTS=str(args.max_attempts),
+        SMAPD_SHUTDOWN_GRACE_SECONDS="15",
+        SMAPD_WATCH="auto",
+        SMAPD_LOG_LEVEL="INFO",
+    )
     if args.model_cache:
         env["SMAPD_MODEL_CACHE"] = args.model_cache
     return env
@@ -692,24 +754,34 @@ def node_env(args: argparse.Namespace) -> dict[str, str]:
 def mount_tmpfs(path: Path, mb: int) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m,mode=0755", "smapd-chaos", str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={mb}m,mode=0755", "smapd-chaos", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return r.returncode == 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
-    print(f"chaos: seed {seed} (replay: python bench/chaos.py --seed {seed} --files {args.files} "
-          f"--nodes {args.nodes})", flush=True)
+    print(
+        f"chaos: seed {seed} (replay: python bench/chaos.py --seed {seed} --files {args.files} "
+        f"--nodes {args.nodes})",
+        flush=True,
+    )
     rng = random.Random(seed)
     root = Path(tempfile.mkdtemp(prefix="smapd-chaos-"))
     spool = root / "spool"
     spool.mkdir()
     mounted = mount_tmpfs(spool, args.spool_mb)
     if not mounted:
-        print(f"chaos: note: could not mount a tmpfs (needs root); the spool is a plain directory {spool}, "
-              f"and the disk-full and read-only-outbox faults are skipped", flush=True)
+        print(
+            f"chaos: note: could not mount a tmpfs (needs root); the spool is a plain directory {spool}, "
+            f"and the disk-full and read-only-outbox faults are skipped",
+            flush=True,
+        )
     run = Run(args, rng, root, spool, mounted)
     threads: list[threading.Thread] = []
     interrupted = []
@@ -733,11 +805,15 @@ def main(argv: list[str] | None = None) -> int:
             if not n.wait_ready(180):
                 print(n.log_text()[-3000:], file=sys.stderr)
                 raise SystemExit(f"chaos: node {n.name} did not become ready")
-        log(f"{args.nodes} nodes ready on {spool} ({'tmpfs ' + str(args.spool_mb) + ' MB' if mounted else 'plain dir'})")
+        log(
+            f"{args.nodes} nodes ready on {spool} ({'tmpfs ' + str(args.spool_mb) + ' MB' if mounted else 'plain dir'})"
+        )
         t0 = time.monotonic()
         deadline = t0 + args.minutes * 60
-        threads = [threading.Thread(target=fn, args=a, name=fn.__name__, daemon=True)
-                   for fn, a in ((feed, (run, pieces, stage)), (monitor, (run,)), (harm, (run,)))]
+        threads = [
+            threading.Thread(target=fn, args=a, name=fn.__name__, daemon=True)
+            for fn, a in ((feed, (run, pieces, stage)), (monitor, (run,)), (harm, (run,)))
+        ]
         for t in threads:
             t.start()
         threads[2].join(timeout=max(0, deadline - time.monotonic()))
@@ -746,9 +822,18 @@ def main(argv: list[str] | None = None) -> int:
         for n in run.nodes:
             n.wait_ready(60)
         log("feeding and faults done; waiting for the spool to drain")
-        helpers.wait_for(lambda: run.stop_all.is_set() or (
-            not [x for x in os.listdir(spool / "inbox")] and not run.claims_of(None)
-            and all(d.done_at is not None for d in run.drops.values())), max(0, deadline - time.monotonic()), 0.5)
+        helpers.wait_for(
+            lambda: (
+                run.stop_all.is_set()
+                or (
+                    not [x for x in os.listdir(spool / "inbox")]
+                    and not run.claims_of(None)
+                    and all(d.done_at is not None for d in run.drops.values())
+                )
+            ),
+            max(0, deadline - time.monotonic()),
+            0.5,
+        )
         t_end = max([d.done_at for d in run.drops.values() if d.done_at] or [time.monotonic()])
         for n in run.nodes:
             n.terminate()
@@ -769,9 +854,15 @@ def main(argv: list[str] | None = None) -> int:
             outbox_ro(run, False)
         logs_dir = root
         if mounted and args.keep:
-            shutil.copytree(spool, root / "spool-copy", symlinks=True, ignore_dangling_symlinks=True,
-                            ignore=lambda d, names: [n for n in names if not (Path(d) / n).is_file()
-                                                     and not (Path(d) / n).is_dir()])
+            shutil.copytree(
+                spool,
+                root / "spool-copy",
+                symlinks=True,
+                ignore_dangling_symlinks=True,
+                ignore=lambda d, names: [
+                    n for n in names if not (Path(d) / n).is_file() and not (Path(d) / n).is_dir()
+                ],
+            )
         if mounted:
             subprocess.run(["umount", str(spool)], check=False)
         for s, h in old.items():
@@ -784,27 +875,45 @@ def main(argv: list[str] | None = None) -> int:
     recoveries = [f.recovered_at - f.started for f in run.faults if f.recovered_at and f.inflight]
     wall = t_end - t0
     n_done = result["transcribed"] + result["failed_ok"]
-    for label, items in (("LOST", result["lost"]), ("ORPHANED CLAIM", result["orphaned"]),
-                         ("UNFINISHED (still in inbox/)", result["unfinished"]),
-                         ("DUPLICATED", result["duplicated"]), ("GOOD FILE FAILED", result["good_failed"]),
-                         ("HOSTILE FILE NOT FAILED AS EXPECTED", result["hostile_wrong"]),
-                         ("PROBLEM", result["problems"]), ("DRIVER ERROR", run.errors)):
+    for label, items in (
+        ("LOST", result["lost"]),
+        ("ORPHANED CLAIM", result["orphaned"]),
+        ("UNFINISHED (still in inbox/)", result["unfinished"]),
+        ("DUPLICATED", result["duplicated"]),
+        ("GOOD FILE FAILED", result["good_failed"]),
+        ("HOSTILE FILE NOT FAILED AS EXPECTED", result["hostile_wrong"]),
+        ("PROBLEM", result["problems"]),
+        ("DRIVER ERROR", run.errors),
+    ):
         for it in items:
             print(f"chaos: {label}: {it}", flush=True)
     for note in run.notes:
         print(f"chaos: note: {note}")
-    print(f"chaos: faults {len(run.faults)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); "
-          f"taken-over claims noticed by their old owner: {result['taken_warnings']}; "
-          f"tracebacks in node logs: {result['tracebacks']}; node restarts: "
-          f"{sum(n.lives - 1 for n in run.nodes)}; logs in {logs_dir}", flush=True)
-    summary = (f"files {len(run.drops)} · transcribed {result['transcribed']} · failed-as-expected {result['failed_ok']} · "
-               f"lost {len(result['lost'])} · duplicated {len(result['duplicated'])} · "
-               f"orphaned claims {len(result['orphaned'])} · faults {len(run.faults)} · "
-               f"max recovery {max(recoveries, default=0):.0f} s · throughput {n_done / wall if wall > 0 else 0:.2f} files/s")
+    print(
+        f"chaos: faults {len(run.faults)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); "
+        f"taken-over claims noticed by their old owner: {result['taken_warnings']}; "
+        f"tracebacks in node logs: {result['tracebacks']}; node restarts: "
+        f"{sum(n.lives - 1 for n in run.nodes)}; logs in {logs_dir}",
+        flush=True,
+    )
+    summary = (
+        f"files {len(run.drops)} · transcribed {result['transcribed']} · failed-as-expected {result['failed_ok']} · "
+        f"lost {len(result['lost'])} · duplicated {len(result['duplicated'])} · "
+        f"orphaned claims {len(result['orphaned'])} · faults {len(run.faults)} · "
+        f"max recovery {max(recoveries, default=0):.0f} s · throughput {n_done / wall if wall > 0 else 0:.2f} files/s"
+    )
     print(summary, flush=True)
-    bad = (result["lost"] or result["orphaned"] or result["unfinished"] or result["duplicated"]
-           or result["good_failed"] or result["hostile_wrong"] or result["problems"] or run.errors
-           or len(run.drops) < args.files)
+    bad = (
+        result["lost"]
+        or result["orphaned"]
+        or result["unfinished"]
+        or result["duplicated"]
+        or result["good_failed"]
+        or result["hostile_wrong"]
+        or result["problems"]
+        or run.errors
+        or len(run.drops) < args.files
+    )
     if not bad and not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 1 if bad else 0
