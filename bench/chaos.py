@@ -751,6 +751,18 @@ def node_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def keep_spool(spool: Path, dest: Path) -> None:
+    """Copy the spool's regular files and directories (not FIFOs, sockets, links) for a post-mortem."""
+    for dirpath, dirnames, filenames in os.walk(spool):
+        rel = Path(dirpath).relative_to(spool)
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            src = Path(dirpath) / name
+            if src.is_file() and not src.is_symlink() and name != "chaos-fill.bin":
+                with _ignore():
+                    shutil.copy2(src, dest / rel / name)
+
+
 def mount_tmpfs(path: Path, mb: int) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
@@ -841,6 +853,20 @@ def main(argv: list[str] | None = None) -> int:
         for t in threads:
             t.join(timeout=10)
         result = check(run)
+        failed_run = any(
+            result[k]
+            for k in (
+                "lost",
+                "orphaned",
+                "unfinished",
+                "duplicated",
+                "good_failed",
+                "hostile_wrong",
+                "problems",
+            )
+        ) or bool(run.errors)
+        if mounted and (args.keep or failed_run):  # the tmpfs goes away: keep what explains a failure
+            keep_spool(spool, root / "spool-copy")
     finally:
         run.stop_all.set()
         for n in run.nodes:
@@ -853,16 +879,6 @@ def main(argv: list[str] | None = None) -> int:
         with _ignore():
             outbox_ro(run, False)
         logs_dir = root
-        if mounted and args.keep:
-            shutil.copytree(
-                spool,
-                root / "spool-copy",
-                symlinks=True,
-                ignore_dangling_symlinks=True,
-                ignore=lambda d, names: [
-                    n for n in names if not (Path(d) / n).is_file() and not (Path(d) / n).is_dir()
-                ],
-            )
         if mounted:
             subprocess.run(["umount", str(spool)], check=False)
         for s, h in old.items():

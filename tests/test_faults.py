@@ -238,3 +238,39 @@ def test_wedged_pool_stops_the_watchdog_pings(tmp_path, model_dir, model_cache_d
     finally:
         node.kill9()
         notify.close()
+
+
+# --------------------------------------------------------------------------------------------
+# A transient spool fault with one node
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root for a bind mount")
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (reported): a job that raises at publish keeps its (job, attempt) in "
+    "spool._HELD, and recoverable()/stale_claims() skip held claims, so a lone node never takes "
+    "its own claim back; it stays in processing/ until another node or a restart recovers it",
+)
+def test_transient_publish_failure_on_a_single_node_is_retried(tmp_path, model_dir, model_cache_dir):
+    """outbox/ read-only (a read-only bind mount: root ignores chmod) while a job publishes: the job
+    cannot finish, its claim stays in processing/, and once outbox/ is writable again the same node
+    (the only one) must take the claim back when its lease runs out and finish it."""
+    node, sp = start_daemon(tmp_path, base_env(model_cache_dir, SMAPD_LEASE_SECONDS="6"))
+    out = str(sp.outbox)
+    mounted = False
+    try:
+        subprocess.run(["mount", "--bind", out, out], check=True)
+        mounted = True
+        subprocess.run(["mount", "-o", "remount,bind,ro", out], check=True)
+        drop_clip(sp, tmp_path, "ro-outbox.ogg")
+        assert helpers.wait_for(lambda: "could not publish" in node.log_text(), 60), node.log_text()[-2000:]
+        subprocess.run(["umount", out], check=True)
+        mounted = False
+        report, _ = sp.transcribed("ro-outbox.ogg", timeout=30)
+        assert report["job"]["attempt"] == 2
+        assert not os.listdir(sp.root / "processing")
+    finally:
+        if mounted:
+            subprocess.run(["umount", out], check=False)
+        node.kill9()
