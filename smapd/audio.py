@@ -157,20 +157,22 @@ def level_speech(samples: np.ndarray, *, target: float = 0.05, max_gain: float =
     n = len(samples) // step
     if n == 0:
         return
-    frames = samples[:n * step].reshape(n, step).astype(np.float32) / 32768.0
-    rms = np.sqrt(np.mean(frames * frames, axis=1))
-    del frames
+    block = step * 600  # one minute at a time: never a float copy of the whole file
+    rms = np.empty(n, dtype=np.float32)
+    for i in range(0, n, 600):
+        frames = samples[i * step:min(n, i + 600) * step].astype(np.float32) / 32768.0
+        rms[i:i + len(frames) // step] = np.sqrt(np.mean(frames.reshape(-1, step) ** 2, axis=1))
     k = max(1, int(hold / window))
     padded = np.pad(rms, k, mode="edge")
     envelope = np.lib.stride_tricks.sliding_window_view(padded, 2 * k + 1).max(axis=1)
-    gain = np.clip(target / np.maximum(envelope, 1e-9), 1.0, max_gain)
+    gain = np.clip(target / np.maximum(envelope, 1e-9), 1.0, max_gain).astype(np.float32)
     if np.all(gain <= 1.0001):
         return
     centers = (np.arange(n) + 0.5) * step
-    for start in range(0, len(samples), _VAD_BLOCK):
-        block = samples[start:start + _VAD_BLOCK]
-        g = np.interp(np.arange(start, start + len(block), dtype=np.float64), centers, gain).astype(np.float32)
-        samples[start:start + len(block)] = np.clip(block.astype(np.float32) * g, -32768, 32767).astype(np.int16)
+    for start in range(0, len(samples), block):
+        part = samples[start:start + block]
+        g = np.interp(np.arange(start, start + len(part), dtype=np.float32), centers, gain).astype(np.float32)
+        samples[start:start + len(part)] = np.clip(part.astype(np.float32) * g, -32768, 32767).astype(np.int16)
 
 
 # --- VAD ---------------------------------------------------------------------------------------

@@ -526,6 +526,22 @@ def _write_replace(target: Path, suffix: str, data: bytes, tmp_dir: Path, stem: 
         raise
 
 
+def _text_safe(obj: Any) -> Any:
+    """File names are bytes: one that is not UTF-8 reaches us with lone surrogates, which no JSON
+    reader accepts. Show such bytes as U+FFFD in the report (the file itself keeps its name)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+            return obj
+        except UnicodeEncodeError:
+            return obj.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if isinstance(obj, dict):
+        return {_text_safe(k): _text_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_text_safe(v) for v in obj]
+    return obj
+
+
 def publish(
     directory: Path,
     stem: str,
@@ -558,7 +574,7 @@ def publish(
     """
     if REPORT_SUFFIX in files:
         raise ValueError(f"{REPORT_SUFFIX} is written from the report argument, not from files")
-    data = (json.dumps(report, ensure_ascii=False, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    data = (json.dumps(_text_safe(report), ensure_ascii=False, indent=2, allow_nan=False) + "\n").encode("utf-8")
     tmp = tmp_dir or directory
     report_path = directory / f"{stem}{REPORT_SUFFIX}"
     placed: dict[str, Path] = {}
