@@ -210,12 +210,18 @@ def run_claim(claim: Any, spool: Any, pool: Pool, config: JobConfig, *, node: st
                            "output_stem": None, "attempts": list(getattr(claim, "history", ()) or ())}
 
     def names(suffixes: tuple[str, ...]) -> dict[str, str]:
-        # The stem is reserved only when there is something to publish: a failed job holds none.
+        # The stem is reserved only when there is something to publish (a failed job holds none),
+        # and only while the claim is still ours (a node that slept past its lease must not).
+        spool.heartbeat(claim)
         job["output_stem"] = spool.output_stem(claim)
         return {s: job["output_stem"] + s for s in suffixes}
 
-    result = execute(claim.path, pool, config, job=job, display_name=claim.original_name, key=claim.job_id,
-                     outputs=names, on_progress=on_progress)
+    try:
+        result = execute(claim.path, pool, config, job=job, display_name=claim.original_name, key=claim.job_id,
+                         outputs=names, on_progress=on_progress)
+    except ClaimLost:
+        log.warning("{}: claim lost to another node during the job; publishing nothing", claim.original_name)
+        return "lost"
     stem = job["output_stem"]
     if lost.is_set():
         log.warning("{}: claim lost to another node during the job; publishing nothing", claim.original_name)

@@ -773,8 +773,12 @@ class Spool:
                 return path.read_text() == job  # ours already (a retried create after a lost reply)
             except OSError:
                 return False
-        with open(fd, "w") as f:
-            f.write(job)
+        try:
+            with open(fd, "w") as f:
+                f.write(job)
+        except OSError:  # disk full: an empty reservation would block this stem forever
+            path.unlink(missing_ok=True)
+            raise
         return True
 
     def _reserved_stem(self, job: str) -> str | None:
