@@ -230,6 +230,7 @@ class Daemon:
             elif outcome == "failed":
                 self.failed += 1
         except (OSError, SmapdError) as e:  # disk full, unwritable outbox, ...: retried as the next attempt
+            self.spool.abandon(claim)
             logger.error("{}: job {} could not finish: {}; its claim stays in processing/ and is retried when "
                          "its lease runs out (attempt {} of {})", claim.original_name, claim.job_id, e,
                          claim.attempt, self.settings.max_attempts)

@@ -811,6 +811,12 @@ class Spool:
     def _key(self, c: Claim) -> tuple[str, str, int]:
         return (str(self.root), c.job_id, c.attempt)
 
+    def abandon(self, claim: Claim) -> None:
+        """This process stops working on ``claim`` (its job hit a transient error) and stops
+        refreshing it: once the lease runs out, any node, this one included, recovers it as the
+        next attempt."""
+        self._unhold(claim)
+
     def _hold(self, c: Claim) -> None:
         with _HELD_LOCK:
             _HELD.add(self._key(c))

@@ -246,12 +246,6 @@ def test_wedged_pool_stops_the_watchdog_pings(tmp_path, model_dir, model_cache_d
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root for a bind mount")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): a job that raises at publish keeps its (job, attempt) in "
-    "spool._HELD, and recoverable()/stale_claims() skip held claims, so a lone node never takes "
-    "its own claim back; it stays in processing/ until another node or a restart recovers it",
-)
 def test_transient_publish_failure_on_a_single_node_is_retried(tmp_path, model_dir, model_cache_dir):
     """outbox/ read-only (a read-only bind mount: root ignores chmod) while a job publishes: the job
     cannot finish, its claim stays in processing/, and once outbox/ is writable again the same node
