@@ -339,6 +339,27 @@ def test_slow_in_place_write_is_not_claimed_before_the_writer_is_done(solo: tupl
     assert report["input"]["size"] == len(data)
 
 
+IGNORED = [".hidden.ogg", "a.ogg.part", "b.ogg.partial", "c.ogg.tmp", "d.ogg.crdownload", "e.ogg~",
+           ".nfs0000000000abcd00000001", ".syncthing.f.ogg.tmp"]
+
+
+def test_temp_and_dot_names_are_never_claimed_and_the_final_rename_is(solo: tuple[Node, SpoolView]) -> None:
+    """Inv. 8: names writers use while a file is incomplete are left alone, however long they sit
+    there (complete audio, settled, close-written); renaming one to its final name is the ready signal."""
+    node, sp = solo
+    for name in IGNORED:
+        shutil.copyfile(CLIP, sp.inbox / name)
+    assert not helpers.wait_for(lambda: set(IGNORED) - set(listdir(sp.inbox)), SETTLE + 2 * RESCAN + 1, 0.05), \
+        f"claimed an ignored name: {set(IGNORED) - set(listdir(sp.inbox))}"
+    assert not sp.claims()
+    t0 = time.monotonic()
+    os.rename(sp.inbox / "a.ogg.part", sp.inbox / "a.ogg")
+    assert claim_latency(sp, "a.ogg", t0) < 1.0
+    sp.transcribed("a.ogg", nodes=(node,))
+    for name in set(IGNORED) - {"a.ogg.part"}:
+        (sp.inbox / name).unlink()
+
+
 def test_writer_that_keeps_the_file_open_is_claimed_once_settled(solo: tuple[Node, SpoolView]) -> None:
     """Inv. 8: no close-write ever comes; the file is ready once size and mtime held for SETTLE."""
     node, sp = solo
@@ -526,6 +547,8 @@ def test_status_shows_waiting_in_progress_failures_and_nodes_and_two_jobs_share_
         assert [w["name"] for w in st["waiting"]] == ["st-c.wav"]
         assert sorted(c["name"] for c in st["processing"]) == ["st-a.wav", "st-b.wav"]
         assert all(c["node"] == "solo" and c["attempt"] == 1 and not c["stale"] for c in st["processing"])
+        for c in st["processing"]:  # inv. 4: the claimed name says who holds it, for which job and attempt
+            assert f"{c['name']}__solo_{c['job_id']}_a1_p{node.pid}" in sp.claims(), (c, sp.claims())
         (me,) = [n for n in st["nodes"] if n["node"] == "solo"]
         assert 0 <= me["age"] < 5 and me["pid"] == node.pid
         assert all(j["chunks_done"] == 0 and j["chunks_total"] >= 1 for j in me["jobs"]), me["jobs"]
