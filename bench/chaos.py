@@ -190,6 +190,7 @@ class Drop:
     kind: str  # good format or hostile kind
     good: bool
     fragment: str = ""  # what the failed report's error must contain (hostile)
+    piece: int = -1  # which cut piece of speech (good files)
     dropped_at: float = 0.0
     done_at: float | None = None
 
@@ -213,9 +214,12 @@ def make_pieces(rng: random.Random, work: Path, count: int) -> list[Path]:
             pcms.append(pcm[a:b])
     pieces = []
     for i in range(count):
-        pcm = rng.choice(pcms)
-        dur = min(len(pcm), int(rng.uniform(2.0, 5.0) * helpers.RATE))
-        start = rng.randrange(0, len(pcm) - dur + 1)
+        for _ in range(100):  # a piece that is mostly speech: a good file must have words to find
+            pcm = rng.choice(pcms)
+            dur = min(len(pcm), int(rng.uniform(2.0, 5.0) * helpers.RATE))
+            start = rng.randrange(0, len(pcm) - dur + 1)
+            if voiced_fraction(pcm[start : start + dur]) >= 0.6:
+                break
         pad = np.zeros(int(0.2 * helpers.RATE), dtype=np.int16)
         pieces.append(
             helpers.write_pcm16_wav(
@@ -223,6 +227,16 @@ def make_pieces(rng: random.Random, work: Path, count: int) -> list[Path]:
             )
         )
     return pieces
+
+
+def voiced_fraction(pcm: np.ndarray, window: float = 0.05) -> float:
+    """Fraction of 50 ms windows whose RMS is above a tenth of the loudest window's."""
+    w = int(window * helpers.RATE)
+    n = len(pcm) // w
+    if n == 0:
+        return 0.0
+    rms = np.sqrt(np.mean(pcm[: n * w].astype(np.float64).reshape(n, w) ** 2, axis=1))
+    return float(np.mean(rms > 0.1 * rms.max())) if rms.max() > 0 else 0.0
 
 
 def render_good(piece: Path, fmt: str, dst_dir: Path, stem: str) -> Path:
@@ -386,14 +400,15 @@ def _feed(run: Run, pieces: list[Path], stage: Path) -> None:
                 break
             time.sleep(0.2)
         stem = f"c{i:04d}-{kind}"
-        piece = pieces[rng.randrange(len(pieces))]
+        piece_no = rng.randrange(len(pieces))
+        piece = pieces[piece_no]
         if what == "hostile":
             suffix, fragment = HOSTILE[kind]
             d = Drop(stem + suffix, kind, False, fragment)
             _retry_enospc(run, lambda d=d, piece=piece, i=i: _drop_hostile(run, d, piece, i))
         else:
             src = render_good(piece, kind, stage, stem)
-            d = Drop(src.name, kind, True)
+            d = Drop(src.name, kind, True, piece=piece_no)
             in_place = rng.random() < 0.15
             _retry_enospc(run, lambda src=src, d=d, ip=in_place: _drop_file(run, src, d, in_place=ip))
         d.dropped_at = time.monotonic()
@@ -645,12 +660,17 @@ def check(run: Run) -> dict:
             if kind == "outbox" and r["outcome"] == "success" and txt.is_file() and txt.read_text().strip():
                 transcribed += 1
             else:
-                good_failed.append(f"{name}: {kind} {r.get('outcome')} {r.get('error')}")
+                good_failed.append(f"{name} (piece {d.piece}): {kind} {r.get('outcome')} {r.get('error')}")
         else:
             if kind == "failed" and d.fragment in (r.get("error") or ""):
                 failed_ok += 1
             else:
                 hostile_wrong.append(f"{name}: {kind} {r.get('outcome')} {r.get('error')}")
+    for i, line in enumerate(good_failed):  # did the same speech go through in another file?
+        piece = int(line.split("(piece ", 1)[1].split(")", 1)[0])
+        same = [n for n, d in run.drops.items() if d.good and d.piece == piece and n not in line]
+        ok = sum(1 for n in same if n not in " ".join(good_failed))
+        good_failed[i] = f"{line} [the same speech in {ok} of {len(same)} other files: transcribed]"
     # inv. 6: each input published by one node only (a stopped node must not publish what was taken)
     published: dict[str, list[str]] = defaultdict(list)
     taken_warnings = 0
