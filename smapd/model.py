@@ -35,7 +35,8 @@ def _package_data(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read 1 MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -51,7 +52,7 @@ def verify_embedded(directory: Path) -> None:
     size = binary.stat().st_size
     if size != MODEL_BIN_SIZE:
         raise ModelError(f"{binary} is {size:,} bytes, expected {MODEL_BIN_SIZE:,}: the model is corrupt")
-    digest = _sha256(binary)
+    digest = sha256_file(binary)
     if digest != MODEL_BIN_SHA256:
         raise ModelError(f"{binary} has SHA-256 {digest}, expected {MODEL_BIN_SHA256}: the model is corrupt")
     missing = [name for name in _SIDE_FILES if not (directory / name).is_file()]

@@ -6,7 +6,6 @@ daemon: it returns the rendered outputs and the report; the caller decides where
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import threading
@@ -20,7 +19,7 @@ from loguru import logger
 from smapd import audio, pipeline, writers
 from smapd.engine import EngineSpec
 from smapd.errors import ClaimLost, PermanentJobError
-from smapd.model import EMBEDDED, EMBEDDED_NAME, download_named, resolve_model
+from smapd.model import EMBEDDED, EMBEDDED_NAME, download_named, resolve_model, sha256_file
 from smapd.models import Outcome, Transcript
 from smapd.pool import Pool
 from smapd.settings import Settings, plan_workers
@@ -106,14 +105,6 @@ class JobResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cpu_now() -> float:
     t = os.times()
     return t.user + t.system
@@ -144,7 +135,7 @@ def execute(path: Path, pool: Pool, config: JobConfig, *, job: dict[str, Any], d
         if config.max_file_bytes and size > config.max_file_bytes:
             raise PermanentJobError(
                 f"the file is {size:,} bytes, over SMAPD_MAX_FILE_BYTES={config.max_file_bytes:,}")
-        digest = sha256_of(path) if size else None
+        digest = sha256_file(path) if size else None
         transcript = pipeline.run(path, pool, config.pipeline, job=name, key=key, on_progress=on_progress)
     except PermanentJobError as e:
         error = str(e)
