@@ -108,6 +108,7 @@ class Daemon:
         self.pool = c.make_pool()
         self.pool.start()
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="smapd-job")
+        self.spool.repair()  # reports a crash left unwritten in failed/
         self._recover_stale()  # our claims from a previous life: at once, no lease wait
         self.watcher = InboxWatcher(self.spool.inbox, self._hint, mode=s.watch)
         self.watcher.start()
@@ -180,6 +181,7 @@ class Daemon:
                 self._reload()
             self._reap()
             try:
+                self._recover_stale()  # stale claims first: they have waited longest
                 self._claim_ready()
             except OSError as e:
                 logger.error("scanning {} failed: {}", self.spool.inbox, e)
@@ -271,16 +273,20 @@ class Daemon:
         with self.lock:
             mine = {j.claim.path.name for j in self.jobs.values()}
         for claim in self.spool.recoverable():
-            if self._free_slots() <= 0:
-                break
             if claim.path.name in mine:
                 continue
+            last = claim.attempt >= self.spool.max_attempts  # goes to failed/: needs no job slot
+            if not last and self._free_slots() <= 0:
+                break
             recovered = self.spool.recover(claim)
-            if recovered is not None:
-                logger.warning("{}: took over the claim of node {} pid {} (attempt {})", recovered.original_name,
-                               claim.node, claim.pid, recovered.attempt)
-                self._start(recovered)
-        self.wake.set()
+            if recovered is None:
+                continue
+            if self.spool.finish_published(recovered):  # published before a crash: just archive it
+                logger.info("{}: was published before its node died; archived", recovered.original_name)
+                continue
+            logger.warning("{}: took over the claim of node {} pid {} (attempt {})", recovered.original_name,
+                           claim.node, claim.pid, recovered.attempt)
+            self._start(recovered)
 
     def _publish_heartbeat(self) -> None:
         self.spool.write_heartbeat(self._status_dict())

@@ -18,11 +18,14 @@ from loguru import logger
 
 from smapd import audio, pipeline, writers
 from smapd.engine import EngineSpec
-from smapd.errors import ClaimLost, PermanentJobError
+from smapd.errors import ClaimLost, PermanentJobError, TransientJobError
 from smapd.model import EMBEDDED, EMBEDDED_NAME, download_named, resolve_model, sha256_file
 from smapd.models import Outcome, Transcript
 from smapd.pool import Pool
 from smapd.settings import Settings, plan_workers
+
+
+PUBLISH_RETRY_SECONDS = 60.0  # how long a finished job retries publishing before it gives up its claim
 
 
 @dataclass(frozen=True)
@@ -219,15 +222,25 @@ def run_claim(claim: Any, spool: Any, pool: Pool, config: JobConfig, *, node: st
         return "lost"
     if cancelled.is_set():
         return "cancelled"
-    try:
-        if result.outcome is Outcome.FAILED:
-            where = spool.fail(claim, result.report)
-            log.error("{}: moved to {}: {}", claim.original_name, where, result.error)
-            return "failed"
-        spool.complete(claim, lambda: writers.publish(spool.outbox, stem, result.files, result.report,
-                                                      tmp_dir=spool.tmp))
-    except ClaimLost:
-        log.warning("{}: claim lost to another node before publishing; publishing nothing", claim.original_name)
-        return "lost"
+    # A full disk or an unwritable outbox/ is usually brief: keep the claim (the daemon keeps its
+    # lease fresh) and try again, instead of spending one of the file's MAX_ATTEMPTS on it.
+    deadline = time.monotonic() + PUBLISH_RETRY_SECONDS
+    while True:
+        try:
+            if result.outcome is Outcome.FAILED:
+                where = spool.fail(claim, result.report)
+                log.error("{}: moved to {}: {}", claim.original_name, where, result.error)
+                return "failed"
+            spool.complete(claim, lambda: writers.publish(spool.outbox, stem, result.files, result.report,
+                                                          tmp_dir=spool.tmp))
+            break
+        except ClaimLost:
+            log.warning("{}: claim lost to another node before publishing; publishing nothing", claim.original_name)
+            return "lost"
+        except (OSError, TransientJobError) as e:
+            if time.monotonic() > deadline or lost.is_set() or cancelled.is_set():
+                raise
+            log.warning("{}: cannot publish yet ({}); retrying in 2 s", claim.original_name, e)
+            cancelled.wait(2.0)
     log.info("{}: published {} outputs as {}.* in outbox/", claim.original_name, len(result.files), stem)
     return "done"

@@ -248,8 +248,8 @@ def test_wedged_pool_stops_the_watchdog_pings(tmp_path, model_dir, model_cache_d
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root for a bind mount")
 def test_transient_publish_failure_on_a_single_node_is_retried(tmp_path, model_dir, model_cache_dir):
     """outbox/ read-only (a read-only bind mount: root ignores chmod) while a job publishes: the job
-    cannot finish, its claim stays in processing/, and once outbox/ is writable again the same node
-    (the only one) must take the claim back when its lease runs out and finish it."""
+    keeps its claim (lease refreshed) and retries publishing; once outbox/ is writable again it
+    finishes, without spending one of the file's attempts."""
     node, sp = start_daemon(tmp_path, base_env(model_cache_dir, SMAPD_LEASE_SECONDS="6"))
     out = str(sp.outbox)
     mounted = False
@@ -258,11 +258,13 @@ def test_transient_publish_failure_on_a_single_node_is_retried(tmp_path, model_d
         mounted = True
         subprocess.run(["mount", "-o", "remount,bind,ro", out], check=True)
         drop_clip(sp, tmp_path, "ro-outbox.ogg")
-        assert helpers.wait_for(lambda: "could not publish" in node.log_text(), 60), node.log_text()[-2000:]
+        assert helpers.wait_for(lambda: "cannot publish yet" in node.log_text(), 60), node.log_text()[-2000:]
+        time.sleep(8)  # longer than the 6 s lease: the claim must stay ours while we retry
+        assert len(os.listdir(sp.root / "processing")) == 1
         subprocess.run(["umount", out], check=True)
         mounted = False
         report, _ = sp.transcribed("ro-outbox.ogg", timeout=30)
-        assert report["job"]["attempt"] == 2
+        assert report["job"]["attempt"] == 1
         assert not os.listdir(sp.root / "processing")
     finally:
         if mounted:
