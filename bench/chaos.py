@@ -123,9 +123,9 @@ class Node:
 
     def wait_ready(self, timeout: float = 120) -> bool:
         return (
-            helpers.wait_for(
-                lambda: not self.alive() or "ready: watching" in self.log_text(), timeout, interval=0.2
-            )
+            helpers.wait_for(  # this life's log only: an earlier life said "ready" long ago
+                lambda: not self.alive() or "ready: watching" in self.logs[-1].read_text(errors="replace"),
+                timeout, interval=0.2)
             and self.alive()
         )
 
