@@ -61,6 +61,7 @@ _NODE_RE = re.compile(r"[^\s/_\0]{1,64}")
 _OPEN_PROBE = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 _HELD: set[tuple[str, str, int]] = set()  # (root, job, attempt) this process works on; pids are per process
 _HELD_LOCK = threading.Lock()
+_ABANDONED: set[tuple[str, str, int]] = set()  # claims this process gave up (transient error): lease expiry only
 
 
 @dataclass(frozen=True)
@@ -475,7 +476,12 @@ class Spool:
         return sorted(out, key=lambda c: c.node != self.node)
 
     def _own_dead(self, c: Claim) -> bool:
-        return c.node == self.node and not self._held(c) and (c.pid == os.getpid() or not self._alive(c.pid))
+        if c.node != self.node or self._held(c):
+            return False
+        with _HELD_LOCK:
+            if self._key(c) in _ABANDONED:
+                return False  # given up by this very process: it waits for its lease like any other
+        return c.pid == os.getpid() or not self._alive(c.pid)
 
     def recover(self, claim: Claim) -> Claim | None:
         """Take over a stale (or own dead) claim with one rename, as attempt+1 for this node; a claim
@@ -816,6 +822,8 @@ class Spool:
         refreshing it: once the lease runs out, any node, this one included, recovers it as the
         next attempt."""
         self._unhold(claim)
+        with _HELD_LOCK:
+            _ABANDONED.add(self._key(claim))
 
     def _hold(self, c: Claim) -> None:
         with _HELD_LOCK:
