@@ -12,7 +12,6 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -324,8 +323,3 @@ def speech_prefix(decoded: Decoded, chunks: list[Chunk], seconds: float = 30.0) 
             parts.append(decoded.float32(s, s + take))
             total += len(parts[-1])
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
-
-
-def iter_chunk_audio(decoded: Decoded, chunks: list[Chunk]) -> Iterator[tuple[Chunk, np.ndarray]]:
-    for chunk in chunks:
-        yield chunk, decoded.float32(chunk.start, chunk.end)

@@ -179,7 +179,6 @@ class Daemon:
             if self.reload_requested:
                 self.reload_requested = False
                 self._reload()
-            self._reap()
             try:
                 self._recover_stale()  # stale claims first: they have waited longest
                 self._claim_ready()
@@ -243,13 +242,6 @@ class Daemon:
             with self.lock:
                 self.jobs.pop(claim.job_id, None)
             self.wake.set()
-
-    def _reap(self) -> None:
-        with self.lock:
-            done = [j for j in self.jobs.values() if j.future is not None and j.future.done()]
-        for j in done:
-            with self.lock:
-                self.jobs.pop(j.claim.job_id, None)
 
     # --- scheduled jobs ---
     def _refresh_leases(self) -> None:

@@ -10,7 +10,7 @@ import os
 import resource
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,7 +105,6 @@ class JobResult:
     report: dict[str, Any]
     error: str | None
     transcript: Transcript | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _cpu_now() -> float:
