@@ -18,6 +18,7 @@ from test_spool import drop, finish_failed, spawn
 
 from smapd.errors import ClaimLost
 from smapd.spool import REPORT_SUFFIX, Spool
+from smapd.spool import claims as claims_mod
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,6 +55,24 @@ def test_a_claim_of_a_file_with_an_old_mtime_is_live_at_once(root: Path) -> None
     state = other.list_state()
     assert [(c["name"], c["stale"]) for c in state["processing"]] == [("old.wav", False)]
     assert state["processing"][0]["age"] < 5
+
+
+def test_a_claim_not_yet_refreshed_is_live_by_its_rename_not_by_the_files_mtime(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inv. 5: between the claim rename and the first lease refresh (or when the refresh fails, e.g.
+    .smapd/jobs/ not writable) the lease is the rename's ctime; the dropped file's own mtime (a day
+    old) must not make it look expired to another node."""
+    def cannot_touch(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    a = Spool(root, "a", lease_seconds=30)
+    drop(a, "old.wav", age=86400)
+    monkeypatch.setattr(claims_mod, "touch", cannot_touch)
+    mine = a.claim("old.wav")
+    assert mine and not (root / ".smapd" / "jobs" / f"{mine.job_id}.lease").exists()
+    other = Spool(root, "b", lease_seconds=30)
+    assert other.recoverable() == [] and other.recover(mine) is None
+    assert [c["stale"] for c in other.list_state()["processing"]] == [False]
 
 
 @pytest.mark.parametrize("name", ["a__n9_0123456789ab_a1_p1.wav", "__", "x__y_z", "b_0123456789ab_a7_p99"])

@@ -10,6 +10,7 @@ pruning).
 """
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -43,7 +44,8 @@ class Spool:
             raise ValueError(f"node name {node!r} must be 1-64 characters without '/', '_' or spaces")
         self.layout = layout = Layout(Path(root))
         self.root, self.node, self.max_attempts = layout.root, node, max_attempts
-        self.inbox, self.processing, self.archive, self.failed = (layout.dir(s) for s in JobState)
+        self.inbox, self.processing = layout.dir(JobState.INBOX), layout.dir(JobState.PROCESSING)
+        self.archive, self.failed = layout.dir(JobState.ARCHIVE), layout.dir(JobState.FAILED)
         self.outbox, self.meta, self.tmp, self.nodes, self.jobs, self.stems = (
             layout.outbox, layout.meta, layout.tmp, layout.nodes, layout.jobs, layout.stems)
         self._clock = Clock(layout.clock(node))
@@ -147,7 +149,7 @@ class Spool:
         next attempt."""
         self._leases.abandon(claim.key)
 
-    def claims(self) -> Iterator[tuple[Claim, Any]]:
+    def claims(self) -> Iterator[tuple[Claim, os.stat_result]]:
         """Every parseable claim in processing/ with its fresh stat (gone ones are skipped)."""
         return self._claims.scan()
 

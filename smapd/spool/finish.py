@@ -46,15 +46,19 @@ class Finisher:
         self.claims.heartbeat(claim)
         stem = self.claims.stems.reserved(claim.job_id)
         if report.outcome == Outcome.FAILED.value:
-            for s in names.OUTPUT_SUFFIXES if stem is not None else ():  # an earlier attempt's unfinished outputs
-                self.layout.output(stem or "", s).unlink(missing_ok=True)
+            if stem is not None:  # an earlier attempt's unfinished outputs (a crash before its report)
+                for s in names.OUTPUT_SUFFIXES:
+                    self.layout.output(stem, s).unlink(missing_ok=True)
             dest = self._to_failed(claim.path, claim.original_name, claim.job_id, report)
             if dest is None:
                 raise ClaimLost(f"job {claim.job_id} was taken over before it could be failed")
             self.leases.drop(claim.key)
             return dest
-        if stem is None or report.job.output_stem != stem:
-            raise ValueError(f"job {claim.job_id}: publish under its reserved stem (Spool.output_stem) first")
+        if report.job.output_stem is None:
+            raise ValueError(f"job {claim.job_id}: name the outputs with its stem (Spool.output_stem) first")
+        if report.job.output_stem != stem:  # the reservation went with the claim: the new owner's now
+            self.leases.drop(claim.key)
+            raise ClaimLost(f"job {claim.job_id} lost its output stem {report.job.output_stem!r}; publishing nothing")
         try:
             fsio.publish(self.layout.outbox, stem, files, report.to_json(), self.layout.tmp)
         except OSError as e:

@@ -120,6 +120,11 @@ class Leases:
         with self._lock:
             return key in self._held
 
+    def tracked(self) -> int:
+        """How many claims the table holds (held or abandoned)."""
+        with self._lock:
+            return len(self._held) + len(self._abandoned)
+
     def keep_only(self, live: Iterable[Key]) -> None:
         """Drop abandoned entries whose claim no longer exists (another node took it over or finished
         it), so the table never grows beyond the claims in processing/."""
