@@ -2,6 +2,7 @@
 that fails if it breaks (the number is in the test's docstring)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -21,6 +22,7 @@ from smapd import report
 from smapd.errors import ClaimLost
 from smapd.models import AudioInfo, Transcript
 from smapd.spool import REPORT_SUFFIX, Claim, Spool, atomic_write, names
+from smapd.spool import claims as claims_mod
 
 REPO = Path(__file__).resolve().parent.parent
 STATES = ("inbox", "processing", "archive", "failed")
@@ -476,7 +478,53 @@ def test_a_file_that_keeps_killing_its_node_goes_to_failed_after_max_attempts(ro
     assert locations(root, ["poison.wav"]) == {"poison.wav": ["failed"]}
 
 
-def test_recoverable_are_recovered_at_once_without_waiting_for_the_lease(root: Path) -> None:
+def test_an_abandoned_claim_waits_for_its_lease_and_leaves_the_lease_table_once_taken_over(root: Path) -> None:
+    """Inv. 5, 7: a claim this node gave up (transient error) is not "own dead" at once; another node
+    takes it over after the lease; the table then forgets it (it never grows past processing/)."""
+    a = Spool(root, "a", lease_seconds=0.3)
+    a.ensure_layout()
+    drop(a, "x.wav")
+    mine = a.claim("x.wav")
+    assert mine and a._leases.tracked() == 1
+    a.abandon(mine)
+    assert a.recoverable() == [] and a._leases.tracked() == 1
+    b = Spool(root, "b", lease_seconds=0.3)
+    [stale] = wait_for(b.recoverable, 5, "the abandoned lease to expire")
+    theirs = b.recover(stale)
+    assert theirs is not None and theirs.attempt == 2
+    assert a.recoverable() == [] and a._leases.tracked() == 0
+    finish_ok(b, theirs)
+    assert b._leases.tracked() == 0
+
+
+def test_two_threads_recovering_one_claim_take_it_once(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inv. 4: within one process both takeovers would pick the same name, and a rename whose target
+    exists counts as done; recover() must still hand the claim to one thread only."""
+    sp = Spool(root, "n1", lease_seconds=600)
+    sp.ensure_layout()
+    drop(sp, "a.wav")
+    assert child(root, op="claim", node="n1", name="a.wav")["done"]  # that process has exited
+    [dead] = sp.recoverable()
+    both_judged = threading.Barrier(2)
+    real = claims_mod.Claims.rejudge
+
+    def rejudge(self: claims_mod.Claims, claim: Claim) -> str | None:
+        why = real(self, claim)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_judged.wait(timeout=1)  # both threads past the check before either renames
+        return why
+    monkeypatch.setattr(claims_mod.Claims, "rejudge", rejudge)
+    got: list[Claim | None] = []
+    threads = [threading.Thread(target=lambda: got.append(sp.recover(dead))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(c is not None for c in got) == [False, True], got
+    assert len(os.listdir(sp.processing)) == 1
+
+
+def test_own_dead_claims_are_recovered_at_once_without_waiting_for_the_lease(root: Path) -> None:
     sp = Spool(root, "n1", lease_seconds=600)
     sp.ensure_layout()
     drop(sp, "a.wav")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,11 @@ from smapd.spool.fsio import atomic_write
 from smapd.spool.intake import Intake, ScanResult, refusal
 from smapd.spool.layout import Layout
 from smapd.spool.leases import Clock, Leases, pid_alive
-from smapd.spool.names import OUTPUT_SUFFIXES, REPORT_SUFFIX, is_ignored
+from smapd.spool.names import REPORT_SUFFIX
 from smapd.spool.nodes import Nodes
 from smapd.spool.stems import Stems
 
-__all__ = ["OUTPUT_SUFFIXES", "REPORT_SUFFIX", "Claim", "ScanResult", "Spool", "atomic_write", "is_ignored",
-           "pid_alive"]
+__all__ = ["REPORT_SUFFIX", "Claim", "ScanResult", "Spool", "atomic_write", "names"]
 
 
 class Spool:
@@ -55,6 +55,10 @@ class Spool:
         self._claims = Claims(layout, self._clock, self._leases, self._stems)
         self._finish = Finisher(layout, self._clock, self._leases, self._claims)
         self._nodes = Nodes(layout, self._clock, self._claims, node)
+        # Two threads of this process taking over one claim would both "win": the takeover name
+        # (node, job, attempt, pid) is the same for both, and a rename whose target exists counts
+        # as done (a lost NFS reply). One takeover at a time in this process.
+        self._recovering = threading.Lock()
 
     # settings a SIGHUP may change
     @property
@@ -76,10 +80,6 @@ class Spool:
     def ensure_layout(self) -> None:
         """Create the spool directories that are missing."""
         self.layout.ensure()
-
-    def spool_now(self) -> float:
-        """The shared filesystem's clock (see ``leases.Clock.now``)."""
-        return self._clock.now()
 
     # --- intake ---------------------------------------------------------------------------------------
 
@@ -170,6 +170,10 @@ class Spool:
         Returns:
             The new claim, or None when another node won, the claim is live again, or it went to failed/.
         """
+        with self._recovering:
+            return self._recover(claim)
+
+    def _recover(self, claim: Claim) -> Claim | None:
         why = self._claims.rejudge(claim)
         if why is None:
             return None  # gone, or refreshed since it was listed: its owner is alive
@@ -188,10 +192,6 @@ class Spool:
                         new.attempt, why)
         return new
 
-    def attempts(self, claim: Claim) -> list[dict[str, Any]]:
-        """One record per attempt so far (node, pid, when, why it started)."""
-        return self._claims.attempts(claim)
-
     def release(self, claim: Claim) -> Path:
         """Hand an unfinished claim back to inbox/ (graceful shutdown); the attempt does not count."""
         return self._claims.release(claim)
@@ -206,10 +206,6 @@ class Spool:
         """End a job, whatever its outcome (see ``finish.Finisher.finish``)."""
         return self._finish.finish(claim, files, report)
 
-    def published_report(self, claim: Claim) -> Path | None:
-        """This job's report in outbox/ if it was published (the job is done but not yet archived)."""
-        return self._finish.published_report(claim)
-
     def finish_published(self, claim: Claim) -> Path | None:
         """If this job's report is already in outbox/, just archive the original (returns its path)."""
         return self._finish.finish_published(claim)
@@ -223,10 +219,6 @@ class Spool:
     def write_heartbeat(self, status: dict[str, Any]) -> None:
         """Publish this node's status in .smapd/nodes/<node>.json."""
         self._nodes.write_heartbeat(status)
-
-    def read_nodes(self, now: float | None = None) -> list[dict[str, Any]]:
-        """Every node's last heartbeat with its ``age`` in seconds by the spool clock."""
-        return self._nodes.read_nodes(now)
 
     def list_state(self, failures: int = 10) -> dict[str, Any]:
         """What `smapd status` shows (see ``nodes.Nodes.list_state``)."""
