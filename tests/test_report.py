@@ -53,7 +53,8 @@ def check_schema(r: dict[str, Any]) -> None:
 
 
 def transcript(statuses: list[ChunkStatus], warning: str | None = None) -> Transcript:
-    chunks, segments = [], []
+    chunks: list[ChunkResult] = []
+    segments: list[Segment] = []
     for i, status in enumerate(statuses):
         seg = (Segment(i * 30.0 + 1, i * 30.0 + 3, f"words {i}."),) if status is ChunkStatus.OK else ()
         segments += seg
