@@ -85,6 +85,11 @@ class ChunkResult:
     def chars(self) -> int:
         return sum(len(s.text) for s in self.segments)
 
+    @property
+    def short_error(self) -> str:
+        """Why the chunk failed, on one line of at most 200 characters (for gap markers and reports)."""
+        return " ".join((self.error or "failed").split())[:200]
+
 
 @dataclass(frozen=True)
 class AudioInfo:
@@ -113,6 +118,11 @@ class Transcript:
     @property
     def text(self) -> str:
         return " ".join(s.text.strip() for s in self.segments if s.text.strip())
+
+    @property
+    def gaps(self) -> list[ChunkResult]:
+        """The failed chunks, in time order."""
+        return sorted((c for c in self.chunks if c.status is ChunkStatus.FAILED), key=lambda c: c.chunk.start)
 
     @property
     def chunks_ok(self) -> int:

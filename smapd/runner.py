@@ -1,4 +1,4 @@
-"""One job end to end: pipeline -> writers -> (for the daemon) spool.complete / spool.fail.
+"""One job end to end: pipeline -> writers and report -> (for the daemon) spool.finish.
 
 ``JobConfig`` is built from Settings at the edge (cli, daemon) and carries plain values, so the
 pipeline never reads the environment. ``execute`` is shared by ``smapd transcribe`` and the
@@ -6,13 +6,15 @@ daemon: it returns the rendered outputs and the report; the caller decides where
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 
@@ -22,8 +24,10 @@ from smapd.errors import ClaimLost, PermanentJobError, TransientJobError
 from smapd.model import EMBEDDED, EMBEDDED_NAME, download_named, resolve_model, sha256_file
 from smapd.models import Outcome, Transcript
 from smapd.pool import Pool
+from smapd.report import EngineInfo, JobInfo, Measured, Report, input_info
+from smapd.report import build as build_report
 from smapd.settings import Settings, plan_workers
-
+from smapd.spool import Claim, Spool
 
 PUBLISH_RETRY_SECONDS = 60.0  # how long a finished job retries publishing before it gives up its claim
 
@@ -78,13 +82,14 @@ class JobConfig:
         return Pool(self.engine, self.workers, chunk_timeout=self.chunk_timeout, retries=self.chunk_retries,
                     max_chunks=self.worker_max_chunks, max_rss_mb=self.worker_max_rss_mb)
 
-    def engine_info(self) -> dict[str, Any]:
-        return {"name": self.engine.kind, "model": self.model_label, "device": self.engine.device,
-                "compute_type": self.engine.compute_type if self.engine.kind != "command" else None,
-                "workers": self.workers, "cpu_threads": self.engine.cpu_threads,
-                "beam_size": self.pipeline.beam_size, "chunk_seconds": self.pipeline.chunk_seconds,
-                "chunk_timeout": self.chunk_timeout, "vad": self.pipeline.vad,
-                "command": self.engine.command or None}
+    def engine_info(self) -> EngineInfo:
+        """How jobs are transcribed, for the report."""
+        return EngineInfo(name=self.engine.kind, model=self.model_label, device=self.engine.device,
+                          compute_type=self.engine.compute_type if self.engine.kind != "command" else None,
+                          workers=self.workers, cpu_threads=self.engine.cpu_threads,
+                          beam_size=self.pipeline.beam_size, chunk_seconds=self.pipeline.chunk_seconds,
+                          chunk_timeout=self.chunk_timeout, vad=self.pipeline.vad,
+                          command=self.engine.command or None)
 
 
 def _cuda_available() -> bool:
@@ -96,15 +101,24 @@ def _cuda_available() -> bool:
         return False
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobResult:
     """What ``execute`` produced: rendered outputs (empty when failed) and the report."""
 
     outcome: Outcome
     files: dict[str, bytes]
-    report: dict[str, Any]
+    record: Report
     error: str | None
     transcript: Transcript | None = None
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """The report as its JSON object."""
+        return self.record.as_dict()
+
+    def published_as(self, stem: str) -> JobResult:
+        """This result with its report naming the outputs ``<stem><suffix>``."""
+        return dataclasses.replace(self, record=self.record.published_as(stem, tuple(self.files)))
 
 
 def _cpu_now() -> float:
@@ -112,8 +126,8 @@ def _cpu_now() -> float:
     return t.user + t.system
 
 
-def execute(path: Path, pool: Pool, config: JobConfig, *, job: dict[str, Any], display_name: str | None = None,
-            key: str | None = None, outputs: Callable[[tuple[str, ...]], dict[str, str]] | None = None,
+def execute(path: Path, pool: Pool, config: JobConfig, *, job: JobInfo | Mapping[str, Any],
+            display_name: str | None = None, key: str | None = None,
             on_progress: Callable[[pipeline.Progress], None] | None = None) -> JobResult:
     """Transcribe ``path`` and render its outputs and report. Never raises for bad input.
 
@@ -121,11 +135,15 @@ def execute(path: Path, pool: Pool, config: JobConfig, *, job: dict[str, Any], d
         path: The input file.
         pool: A started pool.
         config: The job's options.
-        job: ``id``, ``attempt``, ``node`` and the like, recorded in the report.
+        job: ``id``, ``attempt``, ``node`` and the like (``report.JobInfo`` fields), for the report.
         display_name: The name to report (the original name of a claimed file).
-        outputs: Maps the suffixes to publish to file names, for the report's ``outputs``.
+        key: Groups the job's chunks in the pool (the job id).
         on_progress: Progress callback, passed to the pipeline.
+
+    Returns:
+        The result; its report names the outputs ``<name's stem><suffix>`` (``published_as`` renames).
     """
+    info = job if isinstance(job, JobInfo) else JobInfo(**job)
     name = display_name or path.name
     started, cpu0 = time.monotonic(), _cpu_now()
     transcript: Transcript | None = None
@@ -146,34 +164,26 @@ def execute(path: Path, pool: Pool, config: JobConfig, *, job: dict[str, Any], d
     wall = time.monotonic() - started
     chunk_cpu = sum(c.cpu_seconds for c in transcript.chunks) if transcript else 0.0
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, pool.max_worker_rss_mb)
-    totals = {"wall_seconds": wall, "cpu_seconds": _cpu_now() - cpu0 + chunk_cpu, "peak_rss_mb": peak}
+    measured = Measured(wall_seconds=wall, cpu_seconds=_cpu_now() - cpu0 + chunk_cpu, peak_rss_mb=peak)
     outcome = transcript.outcome if transcript and error is None else Outcome.FAILED
     if transcript is not None and outcome is Outcome.FAILED and error is None:
         errors = sorted({c.error or "unknown error" for c in transcript.chunks})
         error = f"no chunk could be transcribed ({len(transcript.chunks)} failed): {'; '.join(errors)}"[:600]
     files = writers.render(transcript, config.formats, config.words) \
         if transcript is not None and outcome is not Outcome.FAILED else {}
-    if not files:
-        names: dict[str, str] = {}
-    elif outputs:
-        names = outputs(tuple(files))
-    else:
-        names = {suffix: Path(name).stem + suffix for suffix in files}
-    if transcript is not None and transcript.warning:
-        job = {**job, "warning": transcript.warning}
-    report = writers.build_report(
-        transcript, input_path=name, input_size=size, input_sha256=digest, job=job,
-        engine=config.engine_info(), totals=totals, outputs=names if files else {}, error=error)
+    record = build_report(transcript, input=input_info(name, size, digest), job=info, error=error,
+                          engine=config.engine_info(), measured=measured,
+                          outputs={s: (Path(name).stem or name) + s for s in files})
     log = logger.bind(job=name)
     if outcome is Outcome.FAILED:
-        log.error("{}: failed: {}", name, report["error"])
+        log.error("{}: failed: {}", name, record.error)
     else:
-        t = report["totals"]
+        t = record.totals
         log.info("{}: {} in {:.1f}s ({:.1f}x real time), {} chars, language {}. Success rate: {:.1f}% ({}/{})",
-                 name, outcome.value, wall, t["real_time_factor"] or 0.0, len(transcript.text) if transcript else 0,
-                 transcript.language if transcript else "-", t["success_rate"], t["chunks_ok"],
-                 t["chunks_ok"] + t["chunks_failed"])
-    return JobResult(outcome=outcome, files=files, report=report, error=report["error"], transcript=transcript)
+                 name, outcome.value, wall, t.real_time_factor or 0.0, len(transcript.text) if transcript else 0,
+                 transcript.language if transcript else "-", t.success_rate, t.chunks_ok,
+                 t.chunks_ok + t.chunks_failed)
+    return JobResult(outcome=outcome, files=files, record=record, error=record.error, transcript=transcript)
 
 
 def reloadable(s: Settings) -> dict[str, Any]:
@@ -186,60 +196,52 @@ def reloadable(s: Settings) -> dict[str, Any]:
     }
 
 
-def run_claim(claim: Any, spool: Any, pool: Pool, config: JobConfig, *, node: str, lost: threading.Event,
+def run_claim(claim: Claim, spool: Spool, pool: Pool, config: JobConfig, *, node: str, lost: threading.Event,
               cancelled: threading.Event, on_progress: Callable[[pipeline.Progress], None] | None = None) -> str:
     """One claimed file end to end; returns "done", "failed", "lost" or "cancelled".
 
-    Finish order (DESIGN.md §1): outputs to temp names -> renamed into outbox/ -> report last ->
-    original to archive/. A job whose claim was taken over (``lost``) publishes nothing; a
-    cancelled one (shutdown grace ran out) leaves its claim for the daemon to hand back.
-    Transient errors (disk full, unwritable outbox) propagate: the claim stays in processing/,
+    Data flows one way: transcribe and render -> (success) reserve the output stem and name the
+    outputs in the report -> ``spool.finish(claim, files, report)``, which verifies the lease,
+    publishes (report last) and archives, or moves the original to failed/. A job whose claim was
+    taken over (``lost``) publishes nothing; a cancelled one (shutdown grace ran out) leaves its
+    claim for the daemon to hand back. A transient error (disk full, unwritable outbox/) is retried
+    for PUBLISH_RETRY_SECONDS under the live lease, then propagates: the claim stays in processing/,
     its lease runs out, and it is retried as the next attempt.
     """
     log = logger.bind(job=claim.original_name)
     log.info("{}: job {} started (attempt {}, node {})", claim.original_name, claim.job_id, claim.attempt, node)
-    job: dict[str, Any] = {"id": claim.job_id, "attempt": claim.attempt, "node": node,
-                           "claimed_as": claim.path.name, "original_name": claim.original_name,
-                           "output_stem": None, "attempts": list(getattr(claim, "history", ()) or ())}
-
-    def names(suffixes: tuple[str, ...]) -> dict[str, str]:
-        # The stem is reserved only when there is something to publish (a failed job holds none),
-        # and only while the claim is still ours (a node that slept past its lease must not).
-        spool.heartbeat(claim)
-        job["output_stem"] = spool.output_stem(claim)
-        return {s: job["output_stem"] + s for s in suffixes}
-
-    try:
-        result = execute(claim.path, pool, config, job=job, display_name=claim.original_name, key=claim.job_id,
-                         outputs=names, on_progress=on_progress)
-    except ClaimLost:
-        log.warning("{}: claim lost to another node during the job; publishing nothing", claim.original_name)
-        return "lost"
-    stem = job["output_stem"]
+    job = JobInfo(id=claim.job_id, attempt=claim.attempt, node=node, claimed_as=claim.path.name,
+                  original_name=claim.original_name, attempts=claim.history)
+    result = execute(claim.path, pool, config, job=job, display_name=claim.original_name, key=claim.job_id,
+                     on_progress=on_progress)
     if lost.is_set():
         log.warning("{}: claim lost to another node during the job; publishing nothing", claim.original_name)
         return "lost"
     if cancelled.is_set():
         return "cancelled"
-    # A full disk or an unwritable outbox/ is usually brief: keep the claim (the daemon keeps its
-    # lease fresh) and try again, instead of spending one of the file's MAX_ATTEMPTS on it.
     deadline = time.monotonic() + PUBLISH_RETRY_SECONDS
     while True:
         try:
-            if result.outcome is Outcome.FAILED:
-                where = spool.fail(claim, result.report)
-                log.error("{}: moved to {}: {}", claim.original_name, where, result.error)
-                return "failed"
-            spool.complete(claim, lambda: writers.publish(spool.outbox, stem, result.files, result.report,
-                                                          tmp_dir=spool.tmp))
+            if result.outcome is not Outcome.FAILED and result.record.job.output_stem is None:
+                # Reserve a stem only with something to publish, and only while the claim is ours
+                # (a node that slept past its lease must not).
+                spool.heartbeat(claim)
+                result = result.published_as(spool.output_stem(claim))
+            where = spool.finish(claim, result.files, result.record)
             break
         except ClaimLost:
             log.warning("{}: claim lost to another node before publishing; publishing nothing", claim.original_name)
             return "lost"
         except (OSError, TransientJobError) as e:
+            # A full disk or an unwritable outbox/ is usually brief: keep the claim (the daemon keeps
+            # its lease fresh) and try again, instead of spending one of the file's MAX_ATTEMPTS on it.
             if time.monotonic() > deadline or lost.is_set() or cancelled.is_set():
                 raise
             log.warning("{}: cannot publish yet ({}); retrying in 2 s", claim.original_name, e)
             cancelled.wait(2.0)
-    log.info("{}: published {} outputs as {}.* in outbox/", claim.original_name, len(result.files), stem)
+    if result.outcome is Outcome.FAILED:
+        log.error("{}: moved to {}: {}", claim.original_name, where, result.error)
+        return "failed"
+    log.info("{}: published {} outputs as {}.* in outbox/", claim.original_name, len(result.files),
+             result.record.job.output_stem)
     return "done"

@@ -812,7 +812,7 @@ def test_a_job_killed_in_every_attempt_ends_in_failed_after_max_attempts(tmp_pat
         where, report = sp.wait_report("poison.wav", timeout=30, nodes=(node,))
         assert where == "failed" and report["outcome"] == "failed"
         assert "gave up after 3 attempts" in report["error"], report["error"]
-        attempts = report["attempts"]
+        attempts = report["job"]["attempts"]
         assert [a["attempt"] for a in attempts] == [1, 2, 3] and all(a["node"] == "phoenix" for a in attempts)
         assert len({a["pid"] for a in attempts}) == 3
         assert sp.locations("poison.wav") == ["failed"] and not sp.claims()

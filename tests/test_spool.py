@@ -2,6 +2,7 @@
 that fails if it breaks (the number is in the test's docstring)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -17,9 +18,11 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from smapd import spool as spool_mod
+from smapd import report
 from smapd.errors import ClaimLost
-from smapd.spool import REPORT_SUFFIX, Claim, Spool, atomic_write
+from smapd.models import AudioInfo, Transcript
+from smapd.spool import REPORT_SUFFIX, Claim, Spool, atomic_write, names
+from smapd.spool import claims as claims_mod
 
 REPO = Path(__file__).resolve().parent.parent
 STATES = ("inbox", "processing", "archive", "failed")
@@ -30,7 +33,8 @@ CHILD = r"""
 import json, os, sys, time
 from pathlib import Path
 from loguru import logger
-from smapd.spool import Spool, atomic_write
+from test_spool import finish_ok
+from smapd.spool import Spool
 args = json.loads(sys.argv[1])
 warnings = []
 logger.remove(); logger.add(lambda m: warnings.append(str(m)), level="WARNING")
@@ -44,13 +48,6 @@ if "die_at_rename" in args:
         calls[0] += 1
         real(a, b)
     os.rename = rename
-def publish(claim):
-    stem = sp.output_stem(claim)
-    def go():
-        atomic_write(sp.outbox / (stem + ".txt"), b"text of " + os.fsencode(claim.original_name), sp.tmp)
-        atomic_write(sp.outbox / (stem + ".report.json"),
-                     json.dumps({"job": {"id": claim.job_id}, "stem": stem}).encode(), sp.tmp)
-    return go
 done = []
 if args["op"] == "race":
     deadline = time.monotonic() + 30
@@ -63,12 +60,12 @@ if args["op"] == "race":
             if c is not None:
                 done.append([os.fsencode(c.original_name).hex(), c.job_id])
                 if args.get("complete"):
-                    sp.complete(c, publish(c))
+                    finish_ok(sp, c, b"text of " + os.fsencode(c.original_name))
 elif args["op"] == "claim":
     c = sp.claim(args["name"])
     done.append(c.path.name)
     if args.get("complete"):
-        sp.complete(c, publish(c))
+        finish_ok(sp, c, b"text of " + os.fsencode(c.original_name))
 elif args["op"] == "recover":
     deadline = time.monotonic() + 20
     while not done and time.monotonic() < deadline:
@@ -86,7 +83,7 @@ def child(root: Path, **args: Any) -> dict[str, Any]:
     """Run one node operation in a fresh process; returns its JSON line (or rc when it died)."""
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps({"root": str(root), **args})],
                        check=False, capture_output=True, text=True, timeout=60, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
     if p.returncode:
         return {"rc": p.returncode, "stderr": p.stderr}
     return json.loads(p.stdout.splitlines()[-1])
@@ -95,7 +92,7 @@ def child(root: Path, **args: Any) -> dict[str, Any]:
 def spawn(root: Path, **args: Any) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({"root": str(root), **args})],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -158,21 +155,25 @@ def locations(root: Path, names: list[str]) -> dict[str, list[str]]:
     return where
 
 
-def publisher(sp: Spool, claim: Claim, calls: list[str] | None = None) -> Callable[[], None]:
+SILENCE = Transcript(segments=(), chunks=(), language=None, language_probability=None,
+                     audio=AudioInfo(duration=1.0, sample_rate=16000, channels=1, codec="pcm_s16le", container="wav"))
+
+
+def job_of(claim: Claim) -> report.JobInfo:
+    return report.JobInfo(id=claim.job_id, attempt=claim.attempt, node=claim.node, claimed_as=claim.path.name,
+                          original_name=claim.original_name, attempts=claim.history)
+
+
+def finish_ok(sp: Spool, claim: Claim, text: bytes = b"words") -> Path:
+    """What the runner does for a success: reserve the stem, name the outputs, finish."""
     stem = sp.output_stem(claim)
-
-    def publish() -> None:
-        if calls is not None:
-            calls.append(stem)
-        atomic_write(sp.outbox / f"{stem}.txt", b"words", sp.tmp)
-        atomic_write(sp.outbox / f"{stem}{REPORT_SUFFIX}",
-                     json.dumps({"job": {"id": claim.job_id}, "input": {"name": "x"}}).encode(), sp.tmp)
-    return publish
+    done = report.build(SILENCE, input=report.input_info(claim.original_name), job=job_of(claim), error=None)
+    return sp.finish(claim, {".txt": text}, done.published_as(stem, [".txt"]))
 
 
-def crash(sp: Spool, claim: Claim) -> None:
-    """This process forgets it works on the claim, as if it had died (its pid stays alive, though)."""
-    sp._unhold(claim)
+def finish_failed(sp: Spool, claim: Claim, error: str = "not audio") -> Path:
+    """What the runner does for a failure."""
+    return sp.finish(claim, {}, report.failure(claim.original_name, job_of(claim), error))
 
 
 # --- intake (inv. 8, 9) -------------------------------------------------------------------------------
@@ -251,7 +252,7 @@ def test_non_regular_entries_are_refused_never_followed_or_opened(sp: Spool, tmp
     sock.bind("sock.wav")
     opened: list[str] = []
     real_open = os.open
-    monkeypatch.setattr(spool_mod.os, "open", lambda p, *a, **k: (opened.append(str(p)), real_open(p, *a, **k))[1])
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: (opened.append(str(p)), real_open(p, *a, **k))[1])
     names = {"link.wav", "link-to-fifo.wav", "dangling.wav", "pipe.wav", "folder.wav", "sock.wav"}
     result = sp.scan()
     assert set(result.refuse) == names and not result.ready and not result.waiting
@@ -277,7 +278,7 @@ def test_an_entry_that_cannot_be_moved_gets_one_warning_not_one_per_scan(
         if Path(a).name == "stuck.fifo":
             raise PermissionError(errno.EACCES, "Permission denied")
         real(a, b)
-    monkeypatch.setattr(spool_mod.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     for _ in range(3):
         for name, reason in sp.scan().refuse.items():
             assert sp.refuse(name, reason) is None
@@ -289,6 +290,34 @@ def test_an_entry_that_cannot_be_moved_gets_one_warning_not_one_per_scan(
 
 ODD = ["with space.wav", "new\nline.wav", "quo'te\"s `$x`.wav", os.fsdecode(b"caf\xe9-\xff\xfe.wav"),
        "x" * 251 + ".wav", "\u00e9" * 125 + ".flac", "-rf", "talk.mp3.report.json"]
+
+@pytest.mark.parametrize("name", [*ODD, os.fsdecode(b"\xff" * 255), "n" * 255, "a__b_0123456789ab_a1_p1"],
+                         ids=lambda n: repr(n)[:20])
+def test_claim_and_final_names_format_and_parse_back(name: str) -> None:
+    """The public names API (used by tests and bench/chaos.py instead of slicing): every processing/,
+    archive/ and failed/ name fits NAME_MAX and parses back to its parts; a shortened one says so."""
+    raw = os.fsencode(name)
+    c = names.format_claim(name, "web1", "0123456789ab", 3, 4242)
+    file = names.claim_filename(c)
+    assert len(os.fsencode(file)) <= names.NAME_MAX
+    assert names.parse_claim(file) == c
+    assert c.truncated == (c.original != name) and (c.truncated or len(raw) + 33 <= names.NAME_MAX)
+    if c.truncated:
+        assert raw.startswith(os.fsencode(c.original)[:8])
+    final = names.final_name("0123456789ab", name)
+    assert len(os.fsencode(final)) <= names.FINAL_MAX
+    job, orig = names.parse_final(final) or ("", "")
+    assert job == "0123456789ab" and (orig == name or len(raw) > names.FINAL_MAX - 13)
+    assert names.parse_claim(name + ".wav") is None or "__" in name
+    assert names.parse_final("talk.mp3") is None
+
+
+def test_released_names_and_stems_of_odd_names() -> None:
+    assert names.released_names("x.wav", "0123456789ab") == ("x.wav", "x.0123456789ab.wav")
+    assert names.stem_base("new\nline.wav") == "new_line" and names.stem_base(os.fsdecode(b"\xff.wav")) == "_"
+    assert len(names.stem_base("\u00e9" * 200 + ".wav").encode()) <= names.STEM_MAX
+    assert [names.numbered_stem("talk", n) for n in (1, 2, 3)] == ["talk", "talk.2", "talk.3"]
+
 
 
 @pytest.mark.parametrize("name", ODD, ids=lambda n: repr(n)[:20])
@@ -304,7 +333,7 @@ def test_odd_names_round_trip_through_claim_complete_and_archive(sp: Spool, name
         name, claim.job_id, "n1", os.getpid())
     stem = sp.output_stem(claim)
     assert "\n" not in stem and stem.encode("utf-8") and len(stem.encode()) <= 210
-    archived = sp.complete(claim, publisher(sp, claim))
+    archived = finish_ok(sp, claim)
     assert archived.parent == sp.archive and archived.read_bytes() == b"audio"
     assert archived.name.startswith(claim.job_id + ".")
     if len(os.fsencode(name)) < 200:
@@ -332,7 +361,7 @@ def test_a_rename_that_succeeded_despite_an_error_reply_is_a_claim(sp: Spool, mo
     def rename(a: Any, b: Any) -> None:
         real(a, b)
         raise OSError(err, os.strerror(err))
-    monkeypatch.setattr(spool_mod.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     claim = sp.claim("a.wav")
     assert claim is not None and claim.path.exists()
 
@@ -395,17 +424,16 @@ def test_lease_expiry_uses_the_spool_clock_never_the_local_clock(root: Path, mon
     drop(a, "dead.wav")
     live, dead = a.claim("live.wav"), a.claim("dead.wav")
     assert live and dead
-    crash(a, dead)
     real_time = time.time
     monkeypatch.setattr(time, "time", lambda: real_time() + skew)
     monkeypatch.setattr(time, "time_ns", lambda: int((real_time() + skew) * 1e9))
     skewed = Spool(root, "skewed", lease_seconds=0.6, settle_seconds=0)
-    assert skewed.stale_claims() == [] and skewed.recover(live) is None and skewed.recover(dead) is None
+    assert skewed.recoverable() == [] and skewed.recover(live) is None and skewed.recover(dead) is None
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not skewed.stale_claims():
+    while time.monotonic() < deadline and not skewed.recoverable():
         a.heartbeat(live)  # the live owner keeps refreshing
         time.sleep(0.1)
-    assert [c.original_name for c in skewed.stale_claims()] == ["dead.wav"]
+    assert [c.original_name for c in skewed.recoverable()] == ["dead.wav"]
     taken = skewed.recover(dead)
     assert taken is not None and taken.attempt == 2 and taken.node == "skewed" and taken.job_id == dead.job_id
     a.heartbeat(live)
@@ -418,18 +446,17 @@ def test_a_node_whose_claim_was_taken_over_publishes_nothing(root: Path) -> None
     drop(a, "x.wav")
     mine = a.claim("x.wav")
     assert mine
-    crash(a, mine)  # hung: no heartbeats
+    # a is hung from here on: no heartbeats. b is another node (its own Spool, its own lease table).
     b = Spool(root, "b", lease_seconds=0.3)
-    stale = wait_for(b.stale_claims, 5, "the lease to expire")
+    stale = wait_for(b.recoverable, 5, "the lease to expire")
     assert b.recover(stale[0]) is not None
     with pytest.raises(ClaimLost):
         a.heartbeat(mine)
-    calls: list[str] = []
     with pytest.raises(ClaimLost):
-        a.complete(mine, publisher(a, mine, calls))
+        finish_ok(a, mine)
     with pytest.raises(ClaimLost):
-        a.fail(mine, {"error": "x"})
-    assert calls == [] and not os.listdir(a.outbox) and not os.listdir(a.failed) and not os.listdir(a.archive)
+        finish_failed(a, mine, "x")
+    assert not os.listdir(a.outbox) and not os.listdir(a.failed) and not os.listdir(a.archive)
 
 
 def test_a_file_that_keeps_killing_its_node_goes_to_failed_after_max_attempts(root: Path) -> None:
@@ -442,13 +469,59 @@ def test_a_file_that_keeps_killing_its_node_goes_to_failed_after_max_attempts(ro
     for n in (2, 3):
         out = child(root, op="recover", node=f"n{n}", lease=0.3)
         assert out["done"] and f"_a{n}_" in out["done"][0], out
-    stale = wait_for(sp.stale_claims, 5, "the third lease to expire")
+    stale = wait_for(sp.recoverable, 5, "the third lease to expire")
     assert sp.recover(stale[0]) is None
     [failed] = [p for p in sp.failed.iterdir() if not p.name.endswith(REPORT_SUFFIX)]
     report = json.loads(Path(f"{failed}{REPORT_SUFFIX}").read_text())
-    assert [(a["attempt"], a["node"]) for a in report["attempts"]] == [(1, "n1"), (2, "n2"), (3, "n3")]
+    assert [(a["attempt"], a["node"]) for a in report["job"]["attempts"]] == [(1, "n1"), (2, "n2"), (3, "n3")]
     assert "3 attempts" in report["error"] and report["input"]["name"] == "poison.wav"
     assert locations(root, ["poison.wav"]) == {"poison.wav": ["failed"]}
+
+
+def test_an_abandoned_claim_waits_for_its_lease_and_leaves_the_lease_table_once_taken_over(root: Path) -> None:
+    """Inv. 5, 7: a claim this node gave up (transient error) is not "own dead" at once; another node
+    takes it over after the lease; the table then forgets it (it never grows past processing/)."""
+    a = Spool(root, "a", lease_seconds=0.3)
+    a.ensure_layout()
+    drop(a, "x.wav")
+    mine = a.claim("x.wav")
+    assert mine and a._leases.tracked() == 1
+    a.abandon(mine)
+    assert a.recoverable() == [] and a._leases.tracked() == 1
+    b = Spool(root, "b", lease_seconds=0.3)
+    [stale] = wait_for(b.recoverable, 5, "the abandoned lease to expire")
+    theirs = b.recover(stale)
+    assert theirs is not None and theirs.attempt == 2
+    assert a.recoverable() == [] and a._leases.tracked() == 0
+    finish_ok(b, theirs)
+    assert b._leases.tracked() == 0
+
+
+def test_two_threads_recovering_one_claim_take_it_once(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inv. 4: within one process both takeovers would pick the same name, and a rename whose target
+    exists counts as done; recover() must still hand the claim to one thread only."""
+    sp = Spool(root, "n1", lease_seconds=600)
+    sp.ensure_layout()
+    drop(sp, "a.wav")
+    assert child(root, op="claim", node="n1", name="a.wav")["done"]  # that process has exited
+    [dead] = sp.recoverable()
+    both_judged = threading.Barrier(2)
+    real = claims_mod.Claims.rejudge
+
+    def rejudge(self: claims_mod.Claims, claim: Claim) -> str | None:
+        why = real(self, claim)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_judged.wait(timeout=1)  # both threads past the check before either renames
+        return why
+    monkeypatch.setattr(claims_mod.Claims, "rejudge", rejudge)
+    got: list[Claim | None] = []
+    threads = [threading.Thread(target=lambda: got.append(sp.recover(dead))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(c is not None for c in got) == [False, True], got
+    assert len(os.listdir(sp.processing)) == 1
 
 
 def test_own_dead_claims_are_recovered_at_once_without_waiting_for_the_lease(root: Path) -> None:
@@ -459,7 +532,7 @@ def test_own_dead_claims_are_recovered_at_once_without_waiting_for_the_lease(roo
     assert child(root, op="claim", node="n1", name="a.wav")["done"]  # that process has exited
     mine = sp.claim("b.wav")
     assert Spool(root, "n2", lease_seconds=600).recoverable() == []
-    [dead] = sp.own_dead_claims()
+    [dead] = sp.recoverable()
     assert dead.original_name == "a.wav" and mine not in sp.recoverable()
     again = sp.recover(dead)
     assert again is not None and again.attempt == 2 and again.pid == os.getpid()
@@ -477,17 +550,17 @@ def test_a_crash_at_any_point_of_complete_loses_nothing_and_duplicates_nothing(r
     sp.ensure_layout()
     drop(sp, "talk.mp3")
     out = child(root, op="claim", node="n1", name="talk.mp3", complete=True, die_at_rename=die_at)
-    for claim in sp.own_dead_claims():
+    for claim in sp.recoverable():
         again = sp.recover(claim)
         assert again is not None
         if sp.finish_published(again) is None:
-            sp.complete(again, publisher(sp, again))
+            finish_ok(sp, again)
     if "rc" in out:
         assert out["rc"] == 9
     for c in sp.scan().ready:  # died before the claim: an ordinary file still waiting
         claim = sp.claim(c)
         assert claim is not None
-        sp.complete(claim, publisher(sp, claim))
+        finish_ok(sp, claim)
     assert locations(root, ["talk.mp3"]) == {"talk.mp3": ["archive"]}
     assert sorted(os.listdir(sp.outbox)) == ["talk.report.json", "talk.txt"]
     assert not os.listdir(sp.stems) and not os.listdir(sp.processing)
@@ -512,21 +585,20 @@ def test_a_crash_at_any_point_of_fail_leaves_exactly_one_report(sp: Spool, monke
             raise Died
         calls[0] += 1
         real(a, b)
-    monkeypatch.setattr(spool_mod.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     try:
-        sp.fail(claim, {"outcome": "failed", "error": "not audio"})
+        finish_failed(sp, claim)
     except Died:
         pass
-    monkeypatch.setattr(spool_mod.os, "rename", real)
-    crash(sp, claim)
+    monkeypatch.setattr(os, "rename", real)
     after = Spool(sp.root, "n1", lease_seconds=0.2)
-    for c in after.own_dead_claims():  # died before the move: the job is retried
+    for c in after.recoverable():  # died before the move: the job is retried
         again = after.recover(c)
         assert again is not None
         if retry == "fail":
-            after.fail(again, {"outcome": "failed", "error": "not audio"})
+            finish_failed(after, again)
         else:
-            after.complete(again, publisher(after, again))
+            finish_ok(after, again)
     time.sleep(0.3)
     after.repair()
     reports = [*sp.failed.glob(f"*{REPORT_SUFFIX}"), *sp.outbox.glob(f"*{REPORT_SUFFIX}")]
@@ -546,7 +618,7 @@ def test_output_and_archive_names_never_overwrite(sp: Spool) -> None:
         claim = sp.claim(sp.scan().ready[0])
         assert claim
         stems.append(sp.output_stem(claim))
-        archived.append(sp.complete(claim, publisher(sp, claim)))
+        archived.append(finish_ok(sp, claim))
     assert stems == ["talk", "talk.2", "talk.3"]
     assert len({p.name for p in archived}) == 3 and all(p.exists() for p in archived)
     for p in sp.outbox.glob("talk.*"):
@@ -583,7 +655,7 @@ def test_atomic_write_never_leaves_a_partial_file(sp: Spool, monkeypatch: pytest
     """Inv. 3: a failure before the rename leaves neither the target nor a temp file."""
     def boom(*_: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(spool_mod.os, "rename", boom)
+    monkeypatch.setattr(os, "rename", boom)
     with pytest.raises(OSError):
         atomic_write(sp.outbox / "t.txt", b"x" * 10000, sp.tmp)
     assert not os.listdir(sp.outbox) and not os.listdir(sp.tmp)
@@ -612,7 +684,7 @@ def test_prune_archive_deletes_only_old_originals(sp: Spool) -> None:
         drop(sp, name)
         claim = sp.claim(name)
         assert claim
-        sp.complete(claim, publisher(sp, claim))
+        finish_ok(sp, claim)
     old = next(sp.archive.glob("*.old.wav"))
     t = time.time() - 3 * 86400
     os.utime(old, (t, t))

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import helpers
 import pytest
-from test_spool import crash, drop, spawn
+from test_spool import drop, finish_failed, spawn
 
 from smapd.errors import ClaimLost
 from smapd.spool import REPORT_SUFFIX, Spool
+from smapd.spool import claims as claims_mod
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,10 +36,10 @@ def test_a_claim_refreshed_after_it_was_listed_as_stale_is_not_taken(root: Path)
     drop(a, "slow.wav")
     mine = a.claim("slow.wav")
     assert mine
-    crash(a, mine)  # this process stops vouching for it, as if hung
+    # a is hung from here on; b is another node with its own lease table
     b = Spool(root, "b", lease_seconds=0.4)
-    assert helpers.wait_for(b.stale_claims, 5)
-    [listed] = b.stale_claims()
+    assert helpers.wait_for(b.recoverable, 5)
+    [listed] = b.recoverable()
     a.heartbeat(mine)  # the owner wakes up
     assert b.recover(listed) is None
     assert mine.path.exists() and [c.node for c, _ in b.claims()] == ["a"]
@@ -50,10 +51,28 @@ def test_a_claim_of_a_file_with_an_old_mtime_is_live_at_once(root: Path) -> None
     drop(a, "old.wav", age=86400)
     assert a.claim("old.wav")
     other = Spool(root, "b", lease_seconds=30)
-    assert other.stale_claims() == [] and other.recoverable() == []
+    assert other.recoverable() == []
     state = other.list_state()
     assert [(c["name"], c["stale"]) for c in state["processing"]] == [("old.wav", False)]
     assert state["processing"][0]["age"] < 5
+
+
+def test_a_claim_not_yet_refreshed_is_live_by_its_rename_not_by_the_files_mtime(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inv. 5: between the claim rename and the first lease refresh (or when the refresh fails, e.g.
+    .smapd/jobs/ not writable) the lease is the rename's ctime; the dropped file's own mtime (a day
+    old) must not make it look expired to another node."""
+    def cannot_touch(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    a = Spool(root, "a", lease_seconds=30)
+    drop(a, "old.wav", age=86400)
+    monkeypatch.setattr(claims_mod, "touch", cannot_touch)
+    mine = a.claim("old.wav")
+    assert mine and not (root / ".smapd" / "jobs" / f"{mine.job_id}.lease").exists()
+    other = Spool(root, "b", lease_seconds=30)
+    assert other.recoverable() == [] and other.recover(mine) is None
+    assert [c["stale"] for c in other.list_state()["processing"]] == [False]
 
 
 @pytest.mark.parametrize("name", ["a__n9_0123456789ab_a1_p1.wav", "__", "x__y_z", "b_0123456789ab_a7_p99"])
@@ -74,7 +93,7 @@ from pathlib import Path
 from smapd.spool import Spool
 root, node, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 sp = Spool(Path(root), node, lease_seconds=0.3)
-stale = sp.stale_claims()
+stale = sp.recoverable()
 while time.time() < start:  # line up with the other processes (a test clock, not a lease judgement)
     pass
 got = [sp.recover(c) for c in stale]
@@ -88,8 +107,7 @@ def test_many_nodes_recovering_one_stale_claim_exactly_one_wins(root: Path) -> N
     drop(a, "contested.wav")
     mine = a.claim("contested.wav")
     assert mine
-    crash(a, mine)
-    assert helpers.wait_for(lambda: Spool(root, "probe", lease_seconds=0.3).stale_claims(), 5)
+    assert helpers.wait_for(lambda: Spool(root, "probe", lease_seconds=0.3).recoverable(), 5)
     start = time.time() + 1.5  # after every interpreter has started
     procs = [subprocess.Popen([sys.executable, "-c", RECOVER, str(root), f"r{i}", str(start)], cwd=REPO,
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -108,22 +126,21 @@ def test_fail_after_a_takeover_writes_no_report_and_keeps_the_new_owners_claim(r
     drop(a, "f.wav")
     mine = a.claim("f.wav")
     assert mine
-    crash(a, mine)
     b = Spool(root, "b", lease_seconds=0.3)
-    assert helpers.wait_for(b.stale_claims, 5)
-    theirs = b.recover(b.stale_claims()[0])
+    assert helpers.wait_for(b.recoverable, 5)
+    theirs = b.recover(b.recoverable()[0])
     assert theirs
     with pytest.raises(ClaimLost):
-        a.fail(mine, {"outcome": "failed", "error": "x"})
+        finish_failed(a, mine, "x")
     with pytest.raises(ClaimLost):
         a.release(mine)
     assert not os.listdir(root / "failed") and not os.listdir(root / "inbox")
     assert theirs.path.exists()
-    b.fail(theirs, {"outcome": "failed", "error": "bad audio."})
+    finish_failed(b, theirs, "bad audio.")
     reports = [n for n in os.listdir(root / "failed") if n.endswith(REPORT_SUFFIX)]
     assert len(reports) == 1
     report = json.loads((root / "failed" / reports[0]).read_bytes())
-    assert [x["node"] for x in report["attempts"]] == ["a", "b"]
+    assert [x["node"] for x in report["job"]["attempts"]] == ["a", "b"]
 
 
 def test_a_fifo_in_inbox_never_blocks_a_scan(root: Path) -> None:

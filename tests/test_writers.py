@@ -1,4 +1,4 @@
-"""Unit tests of smapd.writers: cues, renderers, report and atomic publish. No model, no audio."""
+"""Unit tests of smapd.writers and smapd.subtitles: cues, renderers, atomic publish. No model, no audio."""
 from __future__ import annotations
 
 import itertools
@@ -11,14 +11,11 @@ from typing import Any
 
 import pytest
 
-from smapd import __version__
 from smapd.errors import ConfigError, TransientJobError
 from smapd.models import AudioInfo, Chunk, ChunkResult, ChunkStatus, Segment, Transcript, Word
+from smapd.subtitles import Cue, build_cues, transcript_cues, wrap_lines
 from smapd.writers import (
     REPORT_SUFFIX,
-    Cue,
-    build_cues,
-    build_report,
     publish,
     render,
     render_json,
@@ -26,9 +23,7 @@ from smapd.writers import (
     render_txt,
     render_vtt,
     srt_time,
-    transcript_cues,
     vtt_time,
-    wrap_lines,
 )
 
 _TIME = r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d)"
@@ -310,66 +305,18 @@ def test_render_formats_and_empty_transcript() -> None:
         render(tr, ["txt", "docx"], words=False)
 
 
-# --- report -------------------------------------------------------------------------------------------------
-
-REPORT_KEYS = {"report_version", "smapd", "host", "created", "outcome", "error", "input", "language", "engine",
-               "chunks", "totals", "job", "outputs"}
-TOTALS_KEYS = {"wall_seconds", "cpu_seconds", "peak_rss_mb", "real_time_factor", "success_rate", "chunks_ok",
-               "chunks_failed", "speech_seconds", "stage_seconds"}
-
-
-def _report(tr: Transcript | None, error: str | None = None) -> dict[str, Any]:
-    return build_report(
-        tr, input_path=Path("/spool/processing/talk.mp3"), input_size=1234, input_sha256="ab" * 32,
-        job={"id": "j1", "attempt": 1, "node": "n1", "extra": "kept"},
-        engine={"name": "faster-whisper", "model": "base", "compute_type": "int8", "workers": 2},
-        totals={"wall_seconds": 12.0, "cpu_seconds": 23.5, "peak_rss_mb": 812.345},
-        outputs={".txt": "talk.txt"}, error=error)
-
-
-@pytest.mark.parametrize("kind", ["success", "partial", "failed"])
-def test_report_fields_and_serialisable(kind: str) -> None:
-    tr = {"success": make_transcript([Segment(0, 2, "hi")], duration=120.0), "partial": _partial(),
-          "failed": None}[kind]
-    report = _report(tr, error="the input is not audio: no audio stream found" if kind == "failed" else None)
-    json.loads(json.dumps(report, allow_nan=False))
-    assert set(report) == REPORT_KEYS
-    assert report["outcome"] == kind and report["smapd"] == __version__
-    assert set(report["totals"]) == TOTALS_KEYS
-    assert set(report["input"]) == {"name", "size", "sha256", "duration", "codec", "container", "sample_rate",
-                                    "channels"}
-    assert report["input"]["name"] == "talk.mp3" and report["input"]["size"] == 1234
-    assert {"name", "model", "compute_type", "workers", "cpu_threads", "beam_size"} <= set(report["engine"])
-    assert report["job"] == {"id": "j1", "attempt": 1, "node": "n1", "extra": "kept"}
-    assert report["outputs"] == {".txt": "talk.txt"}
-    for c in report["chunks"]:
-        assert set(c) == {"index", "start", "end", "attempts", "seconds", "status", "chars", "error", "worker"}
-    if kind == "success":
-        assert report["error"] is None
-        assert report["totals"]["real_time_factor"] == 10.0  # 120 s of audio in 12 s of wall time
-        assert report["totals"]["success_rate"] == 100.0 and report["language"]["probability"] == 0.9877
-    if kind == "partial":
-        assert report["totals"]["chunks_failed"] == 1 and report["totals"]["success_rate"] == 66.7
-        assert "1 of 3 chunks" in report["error"] and "timed out" in report["error"]
-        assert report["chunks"][1]["status"] == "failed" and report["chunks"][1]["attempts"] == 2
-    if kind == "failed":
-        assert report["chunks"] == [] and report["input"]["duration"] is None
-        assert report["language"] == {"code": None, "probability": None}
-        assert report["totals"]["real_time_factor"] is None and report["error"].startswith("the input")
-
-
 # --- publish ------------------------------------------------------------------------------------------------
 
 
 def test_publish_report_last_and_no_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     order: list[tuple[str, str]] = []
-    real_replace = os.replace
+    real_rename = os.rename
 
-    def recording_replace(src: Any, dst: Any) -> None:
+    def recording_rename(src: Any, dst: Any) -> None:
         order.append((Path(src).name, Path(dst).name))
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(os, "replace", recording_replace)
+    monkeypatch.setattr(os, "rename", recording_rename)
     files = {".txt": b"hello\n", ".srt": b"1\n", ".json": b"{}"}
     paths = publish(tmp_path, "talk", files, {"outcome": "success"})
     assert [dst for _, dst in order] == ["talk.txt", "talk.srt", "talk.json", "talk.report.json"]
@@ -390,16 +337,16 @@ def test_publish_overwrites_previous_run(tmp_path: Path) -> None:
 
 def test_publish_failure_leaves_nothing_partial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "talk.report.json").write_text('{"run": 1}')  # a previous run's done marker
-    real_replace = os.replace
+    real_rename = os.rename
     calls = []
 
-    def failing_replace(src: Any, dst: Any) -> None:
+    def failing_rename(src: Any, dst: Any) -> None:
         calls.append(dst)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(os, "replace", failing_replace)
+    monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(TransientJobError, match="No space left on device"):
         publish(tmp_path, "talk", {".txt": b"a", ".srt": b"b", ".vtt": b"c"}, {"run": 2})
     # no temp file, no half of the new outputs, and no stale report vouching for them
@@ -421,13 +368,13 @@ def test_publish_uses_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     out.mkdir()
     tmp.mkdir()
     sources: list[Path] = []
-    real_replace = os.replace
+    real_rename = os.rename
 
-    def recording_replace(src: Any, dst: Any) -> None:
+    def recording_rename(src: Any, dst: Any) -> None:
         sources.append(Path(src))
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(os, "replace", recording_replace)
+    monkeypatch.setattr(os, "rename", recording_rename)
     publish(out, "x", {".txt": b"t"}, {}, tmp_dir=tmp)
     assert all(s.parent == tmp for s in sources) and list(tmp.iterdir()) == []
     assert sorted(p.name for p in out.iterdir()) == ["x.report.json", "x.txt"]
