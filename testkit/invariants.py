@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
-from collections.abc import Collection, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +18,12 @@ from testkit.spoolview import REPORT_SUFFIX, SpoolView, input_name, is_ignored, 
 
 @dataclass(frozen=True)
 class Seen:
-    """The latest claim of one job seen in processing/ while the run went on (attempt, node)."""
+    """The latest claim of one job seen in processing/ while the run went on: its attempt, its node,
+    and when it was first seen (``time.time()``; 0: "before anything was published")."""
 
     attempt: int
     node: str
+    since: float = 0.0
 
 
 @dataclass
@@ -34,8 +36,9 @@ class Findings:
     orphaned: list[str] = field(default_factory=list)
     unfinished: list[str] = field(default_factory=list)
     duplicated: set[str] = field(default_factory=set)
-    published_once: set[str] = field(default_factory=set)  # one outbox report, by the job's last attempt
+    published_once: set[str] = field(default_factory=set)  # outbox reports all by their job's last attempt
     problems: list[str] = field(default_factory=list)
+    written: dict[int, float] = field(default_factory=dict, repr=False)  # id(report) -> its file's mtime
 
     def report(self, name: str) -> tuple[str, dict[str, Any]] | None:
         """The one ``(where, report)`` of an input, or None (none, or more than one)."""
@@ -49,29 +52,36 @@ class Findings:
         return "\n".join(self.problems) or "every invariant holds"
 
 
-def check_spool(sp: SpoolView, dropped: Collection[str], *, max_attempts: int | None = None,
+def check_spool(sp: SpoolView, dropped: Iterable[str] | None = None, *, max_attempts: int | None = None,
                 final: bool = True, complete: bool = True,
                 seen: Mapping[str, Seen] | None = None) -> Findings:
     """Check the spool against DESIGN §1 for the inputs ``dropped``.
 
     Args:
         sp: the spool.
-        dropped: the names dropped into inbox/ (short enough to be kept whole in archive/ names).
+        dropped: the names dropped into inbox/, a name dropped twice listed twice (default: what
+            ``sp.drop`` dropped); a name shortened in processing/ or archive/ is matched through its report.
         max_attempts: SMAPD_MAX_ATTEMPTS: no report may show more (inv. 7).
         final: the run is over: every input must be in archive/ or failed/, no claim or stem
             reservation left, no file in outbox/ that no report lists.
         complete: ``dropped`` is everything ever dropped: an entry nobody dropped is a problem.
         seen: job id -> the latest claim seen in processing/ during the run; each outbox report must
             come from that attempt and node (inv. 6: a node whose claim was taken over published nothing,
-            not even over the later attempt's outputs, which share its job id and stem).
+            not even over the later attempt's outputs, which share its job id and stem), or have been
+            written before that claim appeared (a node that takes over a job it finds already
+            published only archives the original).
 
     Returns:
         The findings; ``bool(findings)`` is True when every invariant holds.
     """
-    f = Findings(where=dict(sp.where()))
-    _placement(f, dropped, final, complete)
-    _reports(f, sp, dropped, final)
-    _publishers(f, sp, seen or {}, max_attempts)
+    drops = Counter(sp.dropped if dropped is None else dropped)
+    f = Findings()
+    _reports(f, sp, final)  # first: the reports hold the full names of shortened entries
+    f.where = dict(sp.where({str((r.get("job") or {}).get("id")): name
+                             for name, rs in f.reports.items() for _, r in rs}))
+    _placement(f, drops, final, complete)
+    _matched(f, drops)
+    _publishers(f, sp, seen or {}, max_attempts, final)
     if final:
         left = sp.claims()
         if left:
@@ -83,30 +93,30 @@ def check_spool(sp: SpoolView, dropped: Collection[str], *, max_attempts: int | 
     return f
 
 
-def _placement(f: Findings, dropped: Collection[str], final: bool, complete: bool) -> None:
-    """Inv. 1: each dropped name in exactly one place; at the end, archive/ or failed/."""
-    for name in dropped:
+def _placement(f: Findings, drops: Counter[str], final: bool, complete: bool) -> None:
+    """Inv. 1: each dropped file in exactly one place; at the end, archive/ or failed/."""
+    for name, count in drops.items():
         states = f.where.get(name, [])
-        if not states:
+        if len(states) < count:
             f.lost.append(name)
-            f.problems.append(f"{name!r} is lost: in none of inbox/, processing/, archive/, failed/")
-        elif len(states) > 1:
+            f.problems.append(f"{name!r} is lost: dropped {count}x, found in {states or 'no state'}")
+        elif len(states) > count:
             f.duplicated.add(name)
-            f.problems.append(f"{name!r} is in {states}")
-        elif final and states[0] == "processing":
+            f.problems.append(f"{name!r} is in {states} (dropped {count}x)")
+        elif final and "processing" in states:
             f.orphaned.append(name)
             f.problems.append(f"{name!r} is still claimed (processing/)")
-        elif final and states[0] == "inbox":
+        elif final and "inbox" in states:
             f.unfinished.append(name)
             f.problems.append(f"{name!r} is still in inbox/")
-    unknown = sorted(set(f.where) - set(dropped))
+    unknown = sorted(set(f.where) - set(drops))
     if complete and unknown:
         f.problems.append(f"entries nobody dropped: {unknown[:5]}")
 
 
-def _reports(f: Findings, sp: SpoolView, dropped: Collection[str], final: bool) -> None:
-    """Inv. 2 and 3: one report per finished input, in the right place; outputs complete and older
-    than their report (the report is published last); no temp file in outbox/."""
+def _reports(f: Findings, sp: SpoolView, final: bool) -> None:
+    """Inv. 3: outputs complete and older than their report (the report is published last); no temp
+    file in outbox/; every failed/ entry with its report."""
     listed: set[str] = set()
     by_name: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
     for path in sp.report_files():
@@ -118,6 +128,7 @@ def _reports(f: Findings, sp: SpoolView, dropped: Collection[str], final: bool) 
         except ValueError:
             f.problems.append(f"{path.parent.name}/{path.name} is not complete JSON")
             continue
+        f.written[id(report)] = report_mtime / 1e9
         by_name[input_name(report)].append((path.parent.name, report))
         if path.parent.name != "outbox":
             continue
@@ -142,21 +153,24 @@ def _reports(f: Findings, sp: SpoolView, dropped: Collection[str], final: bool) 
         stray = sorted(n for n in outbox if n not in listed and not is_ignored(n))
         if stray:
             f.problems.append(f"outbox/ files no report lists: {stray[:5]}")
-    for name in dropped:
-        rs = by_name.get(name, [])
+
+
+def _matched(f: Findings, drops: Counter[str]) -> None:
+    """Inv. 2: one report per finished input, where its original is (outbox/ ~ archive/, failed/)."""
+    for name in drops:
+        rs = f.reports.get(name, [])
         states = f.where.get(name, [])
-        if len(rs) > 1:
+        places = sorted("archive" if w == "outbox" else "failed" for w, _ in rs)
+        done = sorted(s for s in states if s in ("archive", "failed"))
+        if len(rs) > drops[name]:
             f.duplicated.add(name)
-            f.problems.append(f"{name!r} has {len(rs)} reports ({[w for w, _ in rs]})")
-        elif not rs and states and states[0] in ("archive", "failed"):
-            f.problems.append(f"{name!r} finished in {states[0]}/ without a report")
-        elif rs and states and states[0] in ("archive", "failed"):
-            where = rs[0][0]
-            if (where == "outbox") != (states[0] == "archive"):
-                f.problems.append(f"{name!r}: report in {where}/ but the original in {states[0]}/")
+            f.problems.append(f"{name!r} has {len(rs)} reports ({[w for w, _ in rs]}), dropped {drops[name]}x")
+        elif places != done and len(rs) <= len(done):
+            f.problems.append(f"{name!r}: originals in {done}, reports in {[w for w, _ in rs]}")
 
 
-def _publishers(f: Findings, sp: SpoolView, seen: Mapping[str, Seen], max_attempts: int | None) -> None:
+def _publishers(f: Findings, sp: SpoolView, seen: Mapping[str, Seen], max_attempts: int | None,
+                final: bool) -> None:
     """Inv. 6 and 7: every outbox report comes from its job's last attempt (the node that held the
     claim last), its original archived once; no report with more than max_attempts attempts."""
     for name, rs in f.reports.items():
@@ -166,24 +180,34 @@ def _publishers(f: Findings, sp: SpoolView, seen: Mapping[str, Seen], max_attemp
             attempts = r.get("attempts") or history  # failed reports list them at the top level
             if max_attempts is not None and max(attempt, len(attempts)) > max_attempts:
                 f.problems.append(f"{name!r}: attempt {max(attempt, len(attempts))} > max attempts {max_attempts}")
-            if where != "outbox" or len(rs) != 1:
+            if where != "outbox":
                 continue
             last = seen.get(str(job.get("id")))
             why = []
             if history and (history[-1].get("attempt"), history[-1].get("node")) != (attempt, node):
                 why.append(f"its attempt log ends with attempt {history[-1].get('attempt')} by "
                            f"{history[-1].get('node')}")
-            if last is not None and (last.attempt, last.node) != (attempt, node):
-                why.append(f"the last claim seen was attempt {last.attempt} by {last.node}")
+            written = f.written.get(id(r), 0.0)
+            if last is not None and (last.attempt, last.node) != (attempt, node) and written >= last.since:
+                why.append(f"the last claim seen was attempt {last.attempt} by {last.node}, and the report "
+                           f"was written after it appeared")
             claimed = parse_name("processing", str(job.get("claimed_as") or ""))
             if claimed is not None and (claimed.attempt, claimed.node) != (attempt, node):
                 why.append(f"it says it was claimed as {job.get('claimed_as')}")
             archived = len(sp.archived(str(job.get("id"))))
-            if archived != 1:
+            if archived > 1 or (final and archived == 0):  # mid-run: reported, not archived yet is fine
                 why.append(f"{archived} archived originals")
             if why:
                 f.duplicated.add(name)
                 f.problems.append(f"{name!r}: published by attempt {attempt} of node {node}, but "
                                   + "; ".join(why))
-            else:
+            elif name not in f.duplicated:
                 f.published_once.add(name)
+    f.published_once -= f.duplicated
+
+
+def assert_invariants(sp: SpoolView, dropped: Iterable[str] | None = None, **kwargs: Any) -> Findings:
+    """:func:`check_spool` (final by default), raising AssertionError with every problem found."""
+    found = check_spool(sp, dropped, **kwargs)
+    assert found, f"DESIGN §1 invariants broken:\n{found}"
+    return found

@@ -22,6 +22,7 @@ import numpy as np
 from testkit.paths import DATA_DIR
 
 RATE = 16000
+SHORT_CLIP = DATA_DIR / "fleurs-en-003.ogg"  # 5.8 s of speech in Opus: what most daemon tests drop
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,6 +39,11 @@ def manifest_clips(language: str = "en", data_dir: Path = DATA_DIR) -> list[tupl
     """``(path, reference_text)`` of every clip in ``data_dir``'s manifest in one language."""
     rows = read_manifest(data_dir / "manifest.tsv")
     return [(data_dir / r["file"], r["reference_text"].strip()) for r in rows if r["language"] == language]
+
+
+def reference_text(clip: Path, data_dir: Path = DATA_DIR) -> str:
+    """The manifest's reference text of one clip."""
+    return next(r["reference_text"].strip() for r in read_manifest(data_dir / "manifest.tsv") if r["file"] == clip.name)
 
 
 # --------------------------------------------------------------------------------------------

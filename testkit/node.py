@@ -16,6 +16,7 @@ from pathlib import Path
 
 from testkit.paths import REPO
 from testkit.procs import children, pid_alive, wait_for
+from testkit.spoolview import SpoolView
 
 READY_LINE = "ready: watching"
 
@@ -173,3 +174,17 @@ def kill_all(*nodes: Node) -> None:
     """kill -9 every node with its workers (finalizers: never raises for a node already dead)."""
     for n in nodes:
         n.kill9()
+
+
+def serve(root: Path, env: Mapping[str, str], name: str = "n1", prefix: Sequence[str] = (),
+          timeout: float = 120) -> tuple[Node, SpoolView]:
+    """One ready node on a fresh spool ``root/spool`` (logs in ``root``), and the view of that spool,
+    which checks after each outcome that the node is still alive.
+
+    Raises:
+        NodeFailed: the node did not become ready.
+    """
+    spool = Path(root) / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    node = Node(name, spool, Path(root), env, prefix).launch(timeout)
+    return node, SpoolView(spool, nodes=(node,), expect_alive=True)

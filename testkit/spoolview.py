@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -116,6 +116,7 @@ class SpoolView:
             self.root / d for d in ("inbox", "processing", "outbox", "archive", "failed"))
         self.nodes = tuple(nodes)
         self.expect_alive = expect_alive
+        self.dropped: list[str] = []  # every name :meth:`drop` dropped, in order (repeats kept)
 
     @property
     def stage(self) -> Path:
@@ -141,6 +142,7 @@ class SpoolView:
         except OSError:
             tmp.unlink(missing_ok=True)  # nothing half-written stays behind (a full disk)
             raise
+        self.dropped.append(dest.name)
         return time.monotonic()
 
     # --- where things are ----------------------------------------------------------------------------
@@ -168,11 +170,12 @@ class SpoolView:
         """Original names claimed by ``node`` (any node if None)."""
         return [c.original for c in self.claim_names() if node is None or c.node == node]
 
-    def where(self) -> dict[str, list[str]]:
+    def where(self, names_by_job: Mapping[str, str] | None = None) -> dict[str, list[str]]:
         """Dropped name -> every state it is found in (inv. 1: exactly one), temp names in inbox/ left out.
 
         Read in reverse flow order (failed/, archive/, processing/, inbox/), so a file moving forward
-        during the read is never seen twice."""
+        during the read is never seen twice. ``names_by_job`` (job id -> full name, from the reports)
+        puts shortened names back together."""
         found: dict[str, list[str]] = defaultdict(list)
         for state in reversed(STATES):
             for n in self.listdir(state):
@@ -182,7 +185,7 @@ class SpoolView:
                     continue
                 parsed = parse_name(state, n)
                 if parsed is not None:
-                    found[parsed.original].append(state)
+                    found[(names_by_job or {}).get(parsed.job, parsed.original)].append(state)
         return found
 
     def locations(self, name: str) -> list[str]:

@@ -5,32 +5,23 @@ recording, measured in the same test, so a machine where the model is worse is n
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-import helpers
+import testkit as tk
+from testkit import smapd
 
 pytestmark = pytest.mark.slow
 
 
-def smapd(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
-          cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "smapd.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=cwd)
-
-
 @pytest.fixture(scope="session")
 def base_env(model_cache_dir: Path, model_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMAPD_") and k not in (
-        "MAX_PARALLEL_WORKERS", "USE_PARALLEL_TRANSCRIPTION", "MAX_CONCURRENT_JOBS", "CHUNK_TIMEOUT")}
-    env["SMAPD_MODEL_CACHE"] = str(model_cache_dir)
-    return env
+    return tk.smapd_env(model_cache_dir)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +34,7 @@ def longform_run(tmp_path_factory: pytest.TempPathFactory, longform, base_env) -
     assert proc.returncode == 0, proc.stderr[-3000:]
     stem = longform.path.stem
     return {"out": out, "stem": stem, "log": proc.stderr, "wall": wall,
-            "report": helpers.load_json(out / f"{stem}.report.json")}
+            "report": tk.load_json(out / f"{stem}.report.json")}
 
 
 @pytest.fixture(scope="session")
@@ -58,24 +49,24 @@ def sequential_text(longform, model_dir: Path) -> str:
 
 def test_longform_wer_matches_sequential(longform, longform_run, sequential_text):
     ours = (longform_run["out"] / f"{longform_run['stem']}.txt").read_text()
-    ours_wer = helpers.wer(longform.reference_text, ours)
-    seq_wer = helpers.wer(longform.reference_text, sequential_text)
+    ours_wer = tk.wer(longform.reference_text, ours)
+    seq_wer = tk.wer(longform.reference_text, sequential_text)
     print(f"WER chunked parallel {ours_wer:.2%} vs sequential whole-file {seq_wer:.2%}")
     assert ours_wer <= seq_wer + 0.015, f"chunked WER {ours_wer:.2%} vs sequential {seq_wer:.2%}"
     assert ours_wer < 0.25  # sanity: real speech was really recognised
 
 
 def test_srt_cues_follow_the_speech(longform, longform_run):
-    cues = helpers.parse_srt((longform_run["out"] / f"{longform_run['stem']}.srt").read_text())
+    cues = tk.parse_srt((longform_run["out"] / f"{longform_run['stem']}.srt").read_text())
     assert cues, "no cues"
-    recalls = [helpers.word_recall(span["text"], helpers.cue_words_in_span(cues, span["start"], span["end"]))
+    recalls = [tk.word_recall(span["text"], tk.cue_words_in_span(cues, span["start"], span["end"]))
                for span in longform.spans]
     mean_recall = sum(recalls) / len(recalls)
     short = sum(1 for s, e, _ in cues if e - s <= 12.0) / len(cues)
     print(f"clip recall in cues (+-1 s): {mean_recall:.1%}; cues <= 12 s: {short:.1%} of {len(cues)}")
     assert mean_recall >= 0.90
     assert short >= 0.95
-    for (s1, e1, _), (s2, _, _) in zip(cues, cues[1:]):
+    for (s1, e1, _), (s2, _, _) in itertools.pairwise(cues):
         assert s1 < e1 <= s2 + 1e-3, "cues overlap or run backwards"
     srt = (longform_run["out"] / f"{longform_run['stem']}.srt").read_text()
     for block in srt.strip().split("\n\n"):
@@ -124,12 +115,12 @@ def test_chunk_cuts_never_fall_inside_a_clip(longform, longform_run):
 def test_formats_and_sample_rates_and_channels(tmp_path, data_dir, base_env):
     """mp3, 8 kHz, 48 kHz 6-channel 24-bit, float WAV, opus: the same words come out."""
     src = data_dir / "librispeech-2412-153948-0000.flac"
-    ref = next(r["reference_text"] for r in helpers.read_manifest() if r["file"] == src.name)
+    ref = next(r["reference_text"] for r in tk.read_manifest() if r["file"] == src.name)
     variants = [
-        helpers.write_speech_variant(src, tmp_path / "v8k.wav", rate=8000),
-        helpers.write_speech_variant(src, tmp_path / "v48k6ch.wav", rate=48000, channels=6, sample_format="s24"),
-        helpers.write_speech_variant(src, tmp_path / "vfloat.wav", rate=22050, channels=2, sample_format="f32"),
-        helpers.encode_audio(src, tmp_path / "vopus.ogg", "libopus", rate=48000),
+        tk.write_speech_variant(src, tmp_path / "v8k.wav", rate=8000),
+        tk.write_speech_variant(src, tmp_path / "v48k6ch.wav", rate=48000, channels=6, sample_format="s24"),
+        tk.write_speech_variant(src, tmp_path / "vfloat.wav", rate=22050, channels=2, sample_format="f32"),
+        tk.encode_audio(src, tmp_path / "vopus.ogg", "libopus", rate=48000),
         data_dir / "ljspeech-LJ001-0005.mp3",
     ]
     out = tmp_path / "out"
@@ -137,24 +128,24 @@ def test_formats_and_sample_rates_and_channels(tmp_path, data_dir, base_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for v in variants[:4]:
         text = (out / f"{v.stem}.txt").read_text()
-        assert helpers.wer(ref, text) < 0.2, (v.name, text)
-        report = helpers.load_json(out / f"{v.stem}.report.json")
+        assert tk.wer(ref, text) < 0.2, (v.name, text)
+        report = tk.load_json(out / f"{v.stem}.report.json")
         assert report["outcome"] == "success"
-    assert helpers.load_json(out / "v48k6ch.report.json")["input"]["channels"] == 6
+    assert tk.load_json(out / "v48k6ch.report.json")["input"]["channels"] == 6
 
 
 def test_language_is_detected_once_on_speech(tmp_path, data_dir, base_env):
     """A Spanish clip after 20 s of silence: detection runs on the speech, not the silent intro."""
     clip = data_dir / "fleurs-es-002.ogg"
-    ref = next(r["reference_text"] for r in helpers.read_manifest() if r["file"] == clip.name)
+    ref = next(r["reference_text"] for r in tk.read_manifest() if r["file"] == clip.name)
     wav = tmp_path / "late_spanish.wav"
-    lf = helpers.make_longform([(clip, ref)], wav, lead_silence=20.0)
+    lf = tk.make_longform([(clip, ref)], wav, lead_silence=20.0)
     out = tmp_path / "out"
     proc = smapd("transcribe", str(wav), "-o", str(out), env=base_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = helpers.load_json(out / "late_spanish.report.json")
+    report = tk.load_json(out / "late_spanish.report.json")
     assert report["language"]["code"] == "es", report["language"]
-    assert helpers.wer(lf.reference_text, (out / "late_spanish.txt").read_text()) < 0.35
+    assert tk.wer(lf.reference_text, (out / "late_spanish.txt").read_text()) < 0.35
     assert report["chunks"][0]["start"] >= 15.0, "the silent intro was fed to the decoder"
 
 
@@ -175,7 +166,7 @@ def test_sequential_mode_and_fixed_cuts(tmp_path, data_dir, base_env):
     out = tmp_path / "out"
     proc = smapd("transcribe", str(clip), "-o", str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = helpers.load_json(out / f"{clip.stem}.report.json")
+    report = tk.load_json(out / f"{clip.stem}.report.json")
     assert report["engine"]["workers"] == 1 and report["engine"]["cpu_threads"] == (os.cpu_count() or 1)
     starts = [c["start"] for c in report["chunks"]]
     assert starts == [5.0 * i for i in range(len(starts))] and len(starts) == 3
@@ -186,7 +177,7 @@ def test_word_timestamps_in_json(tmp_path, data_dir, base_env):
     clip = data_dir / "ljspeech-LJ001-0001.wav"
     proc = smapd("transcribe", str(clip), "-o", str(out), "--word-timestamps", "true", env=base_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    data = helpers.load_json(out / f"{clip.stem}.json")
+    data = tk.load_json(out / f"{clip.stem}.json")
     words = [w for s in data["segments"] for w in s["words"]]
     assert len(words) > 10
     assert all(s["start"] - 1e-3 <= w["start"] <= w["end"] <= s["end"] + 1e-3
