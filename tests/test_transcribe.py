@@ -8,6 +8,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,3 +186,64 @@ def test_word_timestamps_in_json(tmp_path, data_dir, base_env):
     assert all(s["start"] - 1e-3 <= w["start"] <= w["end"] <= s["end"] + 1e-3
                for s in data["segments"] for w in s["words"])
     assert words[-1]["end"] <= 9.7 + 0.2  # the clip is 9.66 s long
+
+
+PARTIAL_CLIPS = ("fleurs-en-006.ogg", "librispeech-121-127105-0000.flac", "ljspeech-LJ001-0001.wav",
+                 "librispeech-8555-284447-0000.flac")  # each 9.6-10.8 s: one clip a chunk at 12 s
+
+
+def test_a_chunk_that_fails_gives_a_partial_job_with_the_gap_marked_in_every_output(tmp_path, data_dir, base_env):
+    """Four clips, one a chunk; the worker is killed (SIGKILL) while it transcribes chunk 2 and retries are
+    off, so chunk 2 fails for real and the others do not: exit 3, outcome partial, and the gap is marked
+    where a reader looks: a txt line, an srt and a vtt cue over the chunk, an entry under json "gaps";
+    the words of the other chunks are all there."""
+    clips = [(data_dir / f, tk.reference_text(data_dir / f, data_dir)) for f in PARTIAL_CLIPS]
+    wav = tmp_path / "partial.wav"
+    lf = tk.make_longform(clips, wav, seed=3, pause_range=(3.0, 4.0), long_pause_every=0, room_tone=True)
+    env = dict(base_env, MAX_PARALLEL_WORKERS="1", SMAPD_CHUNK_RETRIES="0", SMAPD_CHUNK_SECONDS="12",
+               SMAPD_LANGUAGE="en")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "smapd.cli", "transcribe", str(wav), "-o", str(out)],
+                            env=env, cwd=tk.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log, killed = [], []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+            if not killed and "Transcribing chunk 2 " in line:  # dispatched to the one worker just now
+                killed = [w for w in tk.children(proc.pid) if tk.pid_alive(w)]
+                for w in killed:
+                    os.killpg(w, signal.SIGKILL)
+        code = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(log)
+    assert killed, "chunk 2 never started:\n" + err[-3000:]
+    assert code == 3, f"exit {code}, not 3 (partial):\n{err[-3000:]}"
+    report = tk.load_json(out / "partial.report.json")
+    assert report["outcome"] == "partial", report["error"]
+    status = [c["status"] for c in report["chunks"]]
+    assert status[1] == "failed" and status.count("failed") == 1 and len(status) >= 3, report["chunks"]
+    gap = report["chunks"][1]
+    assert "SIGKILL" in (gap["error"] or ""), gap
+    assert report["totals"]["chunks_failed"] == 1
+
+    txt = (out / "partial.txt").read_text()
+    marks = [ln for ln in txt.splitlines() if ln.startswith("[untranscribed")]
+    assert len(marks) == 1 and marks[0].startswith(f"[untranscribed {gap['start']:.1f}-{gap['end']:.1f} s: chunk 2: "), txt
+    for sub, parse in (("srt", tk.parse_srt), ("vtt", tk.parse_vtt)):
+        cues = parse((out / f"partial.{sub}").read_text())
+        over = [c for c in cues if c[2].startswith("[untranscribed")]
+        assert len(over) == 1 and abs(over[0][0] - gap["start"]) < 0.01 and abs(over[0][1] - gap["end"]) < 0.01, \
+            (sub, over, gap)
+    data = json.loads((out / "partial.json").read_text())
+    assert [(g["chunk"], g["start"], g["end"]) for g in data["gaps"]] == [(2, gap["start"], gap["end"])], data["gaps"]
+    assert all(not (gap["start"] <= s["start"] < gap["end"]) for s in data["segments"]), "text inside the gap"
+    outside = [s for s in lf.spans if s["speech_end"] <= gap["start"] or s["speech_start"] >= gap["end"]]
+    assert 2 <= len(outside) < len(lf.spans), ([(s["start"], s["end"]) for s in lf.spans], gap)
+    segments = [(s["start"], s["end"], s["text"]) for s in data["segments"]]
+    for span in outside:  # every clip outside the gap is transcribed
+        text = tk.cue_words_in_span(segments, span["start"], span["end"], slack=0.0)
+        assert tk.word_recall(span["text"], text) >= 0.6, (span["file"], text, txt)
