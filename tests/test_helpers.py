@@ -269,6 +269,9 @@ def test_check_spool_passes_a_sound_spool(tmp_path: Path) -> None:
     found = check_spool(sp, ["a.wav", "b.wav"], max_attempts=3, seen={"0123456789ab": Seen(2, "n2")})
     assert found, str(found)
     assert found.published_once == {"a.wav"} and found.report("b.wav") is not None
+    # a node that took the job over after it was published only archived it: its later claim is fine
+    written = (sp.outbox / "a.report.json").stat().st_mtime
+    assert check_spool(sp, ["a.wav", "b.wav"], seen={"0123456789ab": Seen(3, "n3", since=written + 1)})
 
 
 def test_check_spool_catches_each_broken_invariant(tmp_path: Path) -> None:

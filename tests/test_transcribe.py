@@ -1,7 +1,8 @@
 """`smapd transcribe` end to end: the real model on real speech, real files, real processes.
 
-Accuracy is judged against faster-whisper's own sequential whole-file transcription of the same
-recording, measured in the same test, so a machine where the model is worse is not a failure.
+Accuracy is judged on a long-form recording whose pauses are the clips' own room tone, not digital
+silence: against what smapd reaches now (the model is embedded, so it is the same everywhere) and
+against faster-whisper's own sequential whole-file transcription, measured in the same test.
 """
 from __future__ import annotations
 
@@ -50,13 +51,21 @@ def sequential_text(longform, model_dir: Path) -> str:
     return " ".join(s.text for s in segments)
 
 
+# Measured 2026-12-01 (commit after 741e44b, 2-core VM, the embedded whisper base, defaults): chunked
+# parallel 5.60%, sequential whole-file 12.19% (it invents words in the long pauses of room tone).
+# The bound leaves one point for noise (thread counts, CPU kernels): a regression of 1+ point fails.
+LONGFORM_WER_MEASURED = 0.056
+WER_NOISE = 0.01
+
+
 def test_longform_wer_matches_sequential(longform, longform_run, sequential_text):
     ours = (longform_run["out"] / f"{longform_run['stem']}.txt").read_text()
     ours_wer = tk.wer(longform.reference_text, ours)
     seq_wer = tk.wer(longform.reference_text, sequential_text)
     print(f"WER chunked parallel {ours_wer:.2%} vs sequential whole-file {seq_wer:.2%}")
-    assert ours_wer <= seq_wer + 0.015, f"chunked WER {ours_wer:.2%} vs sequential {seq_wer:.2%}"
-    assert ours_wer < 0.25  # sanity: real speech was really recognised
+    assert ours_wer <= LONGFORM_WER_MEASURED + WER_NOISE, \
+        f"chunked WER {ours_wer:.2%}: over the {LONGFORM_WER_MEASURED:.1%} smapd reached (+1 point)"
+    assert ours_wer <= seq_wer + WER_NOISE, f"chunked WER {ours_wer:.2%} vs sequential {seq_wer:.2%}"
 
 
 def test_srt_cues_follow_the_speech(longform, longform_run):
@@ -108,11 +117,15 @@ def test_outputs_report_and_progress_lines(longform, longform_run):
 
 
 def test_chunk_cuts_never_fall_inside_a_clip(longform, longform_run):
-    """Silence-aware chunks: every cut lies in a pause between clips (all clips here are < 30 s)."""
+    """Silence-aware chunks: every cut lies outside the clips' speech (all clips here are < 30 s).
+
+    Speech, not the clip file: a cut in a clip's leading room noise cuts no word. The bounds come from
+    ``speech_bounds``, which marks the onset early on a quiet clip (fleurs-en-006: a cut 0.11 s after
+    its marked onset loses no word, measured), hence 0.3 s of slack on either side."""
     cuts = [c["start"] for c in longform_run["report"]["chunks"][1:]]
     for cut in cuts:
-        inside = [s for s in longform.spans if s["start"] + 0.3 < cut < s["end"] - 0.3]
-        assert not inside, f"cut at {cut} s falls inside {inside[0]['file']}"
+        inside = [s for s in longform.spans if s["speech_start"] + 0.3 < cut < s["speech_end"] - 0.3]
+        assert not inside, f"cut at {cut} s falls inside the speech of {inside[0]['file']}"
 
 
 def test_formats_and_sample_rates_and_channels(tmp_path, data_dir, base_env):
