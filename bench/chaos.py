@@ -271,6 +271,10 @@ def _feed(run: Run, pieces: list[Path], stage: Path) -> None:
             if backlog < 3 * len(run.nodes):
                 break
             time.sleep(0.2)
+        if i >= 0.8 * n:  # the last fifth waits for the faults still owed, so that files remain to harm
+            until = time.monotonic() + 3 * run.args.gap_max
+            while not run.stop_all.is_set() and time.monotonic() < until and faults_owed(run):
+                time.sleep(0.2)
         stem = f"c{i:04d}-{kind}"
         piece_no = rng.randrange(len(pieces))
         piece = pieces[piece_no]
@@ -365,7 +369,7 @@ def harm(run: Run) -> None:
         weights[3] = weights[4] = 0
     time.sleep(rng.uniform(2, 5))
     while not run.stop_all.is_set() and not (
-        run.feeding_done.is_set() and len(run.faults) >= a.min_faults and not unmet(run)
+        run.feeding_done.is_set() and not faults_owed(run)
     ):
         if run.feeding_done.is_set() and not run.sp.claims_of() and not os.listdir(run.spool / "inbox"):
             break  # nothing left to harm
@@ -396,6 +400,11 @@ def harm(run: Run) -> None:
             f"{f', {len(f.held)} claim(s) held by the node' if f.kind in ('kill', 'stop') else ''})"
         )
         time.sleep(rng.uniform(a.gap_min, a.gap_max))
+
+
+def faults_owed(run: Run) -> bool:
+    """Whether ``--min-faults`` or ``--require`` still asks for faults."""
+    return len(run.faults) < run.args.min_faults or bool(unmet(run))
 
 
 def unmet(run: Run) -> list[str]:
@@ -556,7 +565,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hostile", type=float, default=0.04, help="fraction of hostile inputs (at least one of each kind)"
     )
     p.add_argument(
-        "--min-faults", type=int, default=0, help="keep injecting faults until this many (while files remain)"
+        "--min-faults",
+        type=int,
+        default=0,
+        help="keep injecting faults until this many (while files remain; the last fifth of the files waits "
+        "up to 3 fault gaps each for them)",
     )
     p.add_argument("--gap-min", type=float, default=3.0, help="seconds between faults, at least")
     p.add_argument("--gap-max", type=float, default=10.0, help="seconds between faults, at most")

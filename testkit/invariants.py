@@ -184,7 +184,9 @@ def _publishers(f: Findings, sp: SpoolView, seen: Mapping[str, Seen], max_attemp
                 continue
             last = seen.get(str(job.get("id")))
             why = []
-            if history and (history[-1].get("attempt"), history[-1].get("node")) != (attempt, node):
+            # an attempt record the node could not write (disk full) has node None: nothing to compare
+            if history and history[-1].get("node") is not None and \
+                    (history[-1].get("attempt"), history[-1].get("node")) != (attempt, node):
                 why.append(f"its attempt log ends with attempt {history[-1].get('attempt')} by "
                            f"{history[-1].get('node')}")
             written = f.written.get(id(r), 0.0)

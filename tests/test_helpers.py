@@ -272,6 +272,13 @@ def test_check_spool_passes_a_sound_spool(tmp_path: Path) -> None:
     # a node that took the job over after it was published only archived it: its later claim is fine
     written = (sp.outbox / "a.report.json").stat().st_mtime
     assert check_spool(sp, ["a.wav", "b.wav"], seen={"0123456789ab": Seen(3, "n3", since=written + 1)})
+    # an attempt record its node could not write (a full disk) proves nothing either way
+    path = sp.outbox / "a.report.json"
+    rep = json.loads(path.read_text())
+    rep["job"]["attempts"][-1] = {"attempt": 2, "node": None, "note": "no record"}
+    path.write_text(json.dumps(rep))
+    os.utime(path, (written, written))
+    assert check_spool(sp, ["a.wav", "b.wav"]), str(check_spool(sp, ["a.wav", "b.wav"]))
 
 
 def test_check_spool_catches_each_broken_invariant(tmp_path: Path) -> None:
