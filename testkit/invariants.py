@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,8 +53,8 @@ class Findings:
 
 
 def check_spool(sp: SpoolView, dropped: Iterable[str] | None = None, *, max_attempts: int | None = None,
-                final: bool = True, complete: bool = True,
-                seen: Mapping[str, Seen] | None = None) -> Findings:
+                final: bool = True, complete: bool = True, seen: Mapping[str, Seen] | None = None,
+                foreign: Collection[str] = ()) -> Findings:
     """Check the spool against DESIGN §1 for the inputs ``dropped``.
 
     Args:
@@ -70,13 +70,14 @@ def check_spool(sp: SpoolView, dropped: Iterable[str] | None = None, *, max_atte
             not even over the later attempt's outputs, which share its job id and stem), or have been
             written before that claim appeared (a node that takes over a job it finds already
             published only archives the original).
+        foreign: outbox/ files someone else put there (not smapd's to account for).
 
     Returns:
         The findings; ``bool(findings)`` is True when every invariant holds.
     """
     drops = Counter(sp.dropped if dropped is None else dropped)
     f = Findings()
-    _reports(f, sp, final)  # first: the reports hold the full names of shortened entries
+    _reports(f, sp, final, foreign)  # first: the reports hold the full names of shortened entries
     f.where = dict(sp.where({str((r.get("job") or {}).get("id")): name
                              for name, rs in f.reports.items() for _, r in rs}))
     _placement(f, drops, final, complete)
@@ -114,7 +115,7 @@ def _placement(f: Findings, drops: Counter[str], final: bool, complete: bool) ->
         f.problems.append(f"entries nobody dropped: {unknown[:5]}")
 
 
-def _reports(f: Findings, sp: SpoolView, final: bool) -> None:
+def _reports(f: Findings, sp: SpoolView, final: bool, foreign: Collection[str]) -> None:
     """Inv. 3: outputs complete and older than their report (the report is published last); no temp
     file in outbox/; every failed/ entry with its report."""
     listed: set[str] = set()
@@ -150,7 +151,7 @@ def _reports(f: Findings, sp: SpoolView, final: bool) -> None:
         temps = sorted(n for n in outbox if is_ignored(n))
         if temps:
             f.problems.append(f"temp or partial files in outbox/: {temps[:5]}")
-        stray = sorted(n for n in outbox if n not in listed and not is_ignored(n))
+        stray = sorted(n for n in outbox if n not in listed and n not in foreign and not is_ignored(n))
         if stray:
             f.problems.append(f"outbox/ files no report lists: {stray[:5]}")
 

@@ -231,9 +231,12 @@ def test_silence_and_noise_give_an_empty_transcript(sp: SpoolView, stage: Path, 
 
 
 @pytest.mark.xfail(
-    strict=True, raises=InventedText,  # a crash, a failed report or a dead daemon still fail the test
+    # raises=: only invented text is expected; a crash, a failed report or a dead daemon fail the test.
+    # Not strict: it is intermittent (Whisper's temperature fallback samples at random; of two runs of
+    # this module on one commit, one invented words and one did not), so an XPASS proves no fix.
+    strict=False, raises=InventedText,
     reason="BUG (reported): Silero VAD passes harmonic tones as speech and Whisper "
-    "base hallucinates on them ('Go, go, go, go, go, go, go, go, go.')",
+    "base often hallucinates on them ('Go, go, go, go, go, go, go, go, go.')",
 )
 def test_music_tones_do_not_crash_or_ramble(sp: SpoolView, stage: Path) -> None:
     """Chords with vibrato and note changes (music-like): a success; at most a few words (Whisper may
@@ -325,7 +328,7 @@ def test_name_colliding_with_an_existing_output(sp: SpoolView, stage: Path) -> N
     sp.drop(src, "collide.ogg")  # the same name again, after the first finished
     tk.wait_for(lambda: (sp.outbox / "collide.3.report.json").exists(), 60)
     assert tk.load_json(sp.outbox / "collide.3.report.json")["outcome"] == "success"
-    assert len(originals(sp, "archive", "collide.ogg")) == 2
+    assert tk.wait_for(lambda: len(originals(sp, "archive", "collide.ogg")) == 2, 10), sp.listdir("archive")
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +474,8 @@ def test_file_replaced_under_the_same_name_after_claim(sp: SpoolView, stage: Pat
     texts = {s: (sp.outbox / f"{s}.txt").read_text() for s in ("replaced", "replaced.2")}
     assert tk.word_recall(CLIP2_TEXT, texts["replaced"]) >= 0.8, texts
     assert tk.word_recall(CLIP_TEXT, texts["replaced.2"]) >= 0.6, texts
-    assert len(originals(sp, "archive", "replaced.wav")) == 2
+    # the report is published first, then the original archived (the finish order)
+    assert tk.wait_for(lambda: len(originals(sp, "archive", "replaced.wav")) == 2, 10), sp.listdir("archive")
 
 
 def test_daemon_is_still_healthy(sp: SpoolView, stage: Path) -> None:
@@ -480,7 +484,7 @@ def test_daemon_is_still_healthy(sp: SpoolView, stage: Path) -> None:
     assert tk.wait_for(lambda: not sp.claims(), 30), sp.claims()
     assert "Traceback" not in sp.nodes[0].log_text()
     # every file dropped above: in one place, one report each, outputs whole (DESIGN §1)
-    tk.assert_invariants(sp, complete=False)
+    tk.assert_invariants(sp, complete=False, foreign=["collide.txt"])  # the test's own file
 
 
 # --------------------------------------------------------------------------------------------
