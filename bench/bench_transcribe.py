@@ -24,9 +24,9 @@ import threading
 import time
 from pathlib import Path
 
+import testkit as helpers  # the test kit: installed with smapd (pip install -e .), or PYTHONPATH=.
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import helpers  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "speech"
 

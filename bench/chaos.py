@@ -23,13 +23,23 @@ Hostile entries (empty, random bytes, text, video without audio, header only, a 
 a dangling symlink, a FIFO, a directory) are dropped among the good files; each must end in
 failed/ with a report naming the reason.
 
-Checks at the end (DESIGN.md §1): every dropped name is in exactly one of inbox/, processing/,
-archive/, failed/ (inv. 1; at the end: archive/ or failed/); exactly one report per input (inv. 2);
-no temp or partial file in outbox/, every output listed by a report exists (inv. 3); no claim left
-in processing/ (inv. 4/5); every input published by exactly one node, so a stopped node whose
-claims were taken over published nothing (inv. 6, from the nodes' logs); no report with more
-attempts than SMAPD_MAX_ATTEMPTS (inv. 7); good files transcribed (success, non-empty .txt);
-hostile files failed with the expected reason (inv. 9). Exit status 0 only if all hold.
+Kill and stop faults are aimed at a node that holds claims at that moment where one does; with
+``--require kill,stop`` the faults go on (while files remain) until each of those kinds has hit
+such a node at least once.
+
+Checks at the end (DESIGN.md §1, testkit.invariants): every dropped name is in exactly one of
+inbox/, processing/, archive/, failed/ (inv. 1; at the end: archive/ or failed/); exactly one report
+per input (inv. 2); no temp or partial file in outbox/, every output listed by a report exists and
+is older than its report (inv. 3); no claim left in processing/ (inv. 4/5); every published report
+comes from the last claim of its job that the run saw in processing/ and its original is archived
+once, so a stopped node whose claims were taken over published nothing, not even over the new
+owner's outputs (inv. 6, from the spool, not the logs); no report with more attempts than
+SMAPD_MAX_ATTEMPTS (inv. 7); good files transcribed (success, non-empty .txt) and each of them
+published that way; hostile files failed with the expected reason (inv. 9). Exit status 0 only if
+all hold and the required fault kinds hit nodes holding claims.
+
+The speech comes from ``--speech DIR``, else $TESTKIT_SPEECH_DIR, else shared/data/speech next to
+the checkout (or a folder above it), else tests/data.
 
 Needs root for the tmpfs and the bind mount; without it the spool is a plain temp directory and
 the ``full`` and ``ro`` faults are skipped (a note says so).
@@ -38,7 +48,7 @@ the ``full`` and ``ro`` faults are skipped (a note says so).
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import random
 import shutil
@@ -48,135 +58,20 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-import helpers
 import numpy as np
 
-SPEECH_DIRS = (REPO.parent / "shared" / "data" / "speech", Path("/work/shared/data/speech"), helpers.DATA_DIR)
+import testkit as tk
+from testkit import Node, Seen, SpoolView
+
 GOOD_FORMATS = ("wav", "wav44st", "flac", "ogg", "opus", "mp3", "m4a", "flac-as-wav")
 
 
 def log(msg: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Nodes: one `smapd run` process each
-# --------------------------------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (the engine workers of a daemon), from /proc."""
-    out: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-class Node:
-    """A daemon process serving ``spool`` as node ``name``; restartable; logs to ``logdir``."""
-
-    def __init__(
-        self, name: str, spool: Path, logdir: Path, env: dict[str, str], prefix: list[str] | None = None
-    ) -> None:
-        self.name, self.spool, self.logdir = name, spool, logdir
-        self.env = dict(env, SMAPD_SPOOL_DIR=str(spool), SMAPD_NODE=name)
-        self.prefix = prefix or []
-        self.proc: subprocess.Popen | None = None
-        self.lives = 0
-        self.stopped = False
-        self.logs: list[Path] = []
-
-    def start(self) -> None:
-        self.lives += 1
-        path = self.logdir / f"{self.name}.{self.lives}.log"
-        self.logs.append(path)
-        with open(path, "wb") as f:
-            self.proc = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", "smapd.cli", "run"],
-                env=self.env,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=REPO,
-            )
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def workers(self) -> list[int]:
-        return children(self.pid) if self.alive() and self.pid else []
-
-    def wait_ready(self, timeout: float = 120) -> bool:
-        return (
-            helpers.wait_for(  # this life's log only: an earlier life said "ready" long ago
-                lambda: not self.alive() or "ready: watching" in self.logs[-1].read_text(errors="replace"),
-                timeout, interval=0.2)
-            and self.alive()
-        )
-
-    def log_text(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
-
-    def kill9(self) -> None:
-        """SIGKILL the daemon and every worker's process group: what a crashed machine leaves."""
-        if not self.alive():
-            return
-        workers = self.workers()
-        self.proc.send_signal(signal.SIGKILL)
-        for w in workers:
-            with _ignore():
-                os.killpg(w, signal.SIGKILL)
-        self.proc.wait()
-        self.stopped = False
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGSTOP)
-            self.stopped = True
-
-    def cont(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGCONT)
-        self.stopped = False
-
-    def terminate(self, timeout: float = 30) -> None:
-        """SIGTERM (graceful), then SIGKILL with the workers if it does not exit in time."""
-        if not self.alive():
-            return
-        self.cont()
-        workers = self.workers()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        for w in workers:
-            with _ignore():
-                os.killpg(w, signal.SIGKILL)
-
-
-class _ignore:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, *_: object) -> bool:
-        return kind is not None and issubclass(kind, OSError)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,34 +90,26 @@ class Drop:
     done_at: float | None = None
 
 
-def speech_dir() -> Path:
-    for d in SPEECH_DIRS:
-        if (d / "manifest.tsv").exists():
-            return d
-    raise SystemExit("no speech clips found (../shared/data/speech or tests/data)")
-
-
-def make_pieces(rng: random.Random, work: Path, count: int) -> list[Path]:
-    """``count`` 16 kHz mono WAV pieces of 2-5 s cut from the speech part of English clips."""
-    d = speech_dir()
-    clips = [p for p, _ in helpers.manifest_clips("en", d) if p.exists()]
+def make_pieces(rng: random.Random, work: Path, count: int, d: Path) -> list[Path]:
+    """``count`` 16 kHz mono WAV pieces of 2-5 s cut from the speech part of the English clips in ``d``."""
+    clips = [p for p, _ in tk.manifest_clips("en", d) if p.exists()]
     pcms = []
     for p in clips:
-        pcm = helpers.decode_pcm16(p)
-        a, b = helpers.speech_bounds(pcm)
-        if b - a >= 2 * helpers.RATE:
+        pcm = tk.decode_pcm16(p)
+        a, b = tk.speech_bounds(pcm)
+        if b - a >= 2 * tk.RATE:
             pcms.append(pcm[a:b])
     pieces = []
     for i in range(count):
         for _ in range(100):  # a piece that is mostly speech: a good file must have words to find
             pcm = rng.choice(pcms)
-            dur = min(len(pcm), int(rng.uniform(2.0, 5.0) * helpers.RATE))
+            dur = min(len(pcm), int(rng.uniform(2.0, 5.0) * tk.RATE))
             start = rng.randrange(0, len(pcm) - dur + 1)
             if voiced_fraction(pcm[start : start + dur]) >= 0.6:
                 break
-        pad = np.zeros(int(0.2 * helpers.RATE), dtype=np.int16)
+        pad = np.zeros(int(0.2 * tk.RATE), dtype=np.int16)
         pieces.append(
-            helpers.write_pcm16_wav(
+            tk.write_pcm16_wav(
                 work / f"piece{i:03d}.wav", np.concatenate([pad, pcm[start : start + dur], pad])
             )
         )
@@ -231,7 +118,7 @@ def make_pieces(rng: random.Random, work: Path, count: int) -> list[Path]:
 
 def voiced_fraction(pcm: np.ndarray, window: float = 0.05) -> float:
     """Fraction of 50 ms windows whose RMS is above a tenth of the loudest window's."""
-    w = int(window * helpers.RATE)
+    w = int(window * tk.RATE)
     n = len(pcm) // w
     if n == 0:
         return 0.0
@@ -245,24 +132,24 @@ def render_good(piece: Path, fmt: str, dst_dir: Path, stem: str) -> Path:
         dst = dst_dir / f"{stem}.wav"
         shutil.copyfile(piece, dst)
     elif fmt == "wav44st":
-        dst = helpers.write_speech_variant(piece, dst_dir / f"{stem}.wav", rate=44100, channels=2)
+        dst = tk.write_speech_variant(piece, dst_dir / f"{stem}.wav", rate=44100, channels=2)
     elif fmt == "flac":
-        dst = helpers.encode_audio(piece, dst_dir / f"{stem}.flac", "flac")
+        dst = tk.encode_audio(piece, dst_dir / f"{stem}.flac", "flac")
     elif fmt == "ogg":
         # PyAV's native vorbis encoder is "experimental" and refuses to open; Opus in Ogg it is
-        dst = helpers.encode_audio(
+        dst = tk.encode_audio(
             piece, dst_dir / f"{stem}.ogg", "libopus", rate=16000, container_format="ogg"
         )
     elif fmt == "opus":
-        dst = helpers.encode_audio(
+        dst = tk.encode_audio(
             piece, dst_dir / f"{stem}.opus", "libopus", rate=48000, layout="stereo", container_format="ogg"
         )
     elif fmt == "mp3":
-        dst = helpers.encode_audio(piece, dst_dir / f"{stem}.mp3", "libmp3lame", rate=22050)
+        dst = tk.encode_audio(piece, dst_dir / f"{stem}.mp3", "libmp3lame", rate=22050)
     elif fmt == "m4a":
-        dst = helpers.encode_audio(piece, dst_dir / f"{stem}.m4a", "aac", container_format="mp4")
+        dst = tk.encode_audio(piece, dst_dir / f"{stem}.m4a", "aac", container_format="mp4")
     elif fmt == "flac-as-wav":  # a lying extension
-        tmp = helpers.encode_audio(piece, dst_dir / f"{stem}.tmp.flac", "flac")
+        tmp = tk.encode_audio(piece, dst_dir / f"{stem}.tmp.flac", "flac")
         dst = tmp.rename(dst_dir / f"{stem}.wav")
     else:
         raise ValueError(fmt)
@@ -285,18 +172,18 @@ HOSTILE = {  # kind -> (suffix, expected fragment of the failed report's error)
 def make_hostile(kind: str, dst: Path, piece: Path, seed: int) -> None:
     """Create the hostile entry ``dst`` (for non-regular kinds: directly, they cannot be copied)."""
     if kind == "empty":
-        helpers.write_empty(dst)
+        tk.write_empty(dst)
     elif kind == "random":
-        helpers.write_random_bytes(dst, 32 * 1024, seed=seed)
+        tk.write_random_bytes(dst, 32 * 1024, seed=seed)
     elif kind == "text":
-        helpers.write_text_as(dst)
+        tk.write_text_as(dst)
     elif kind == "video":
-        helpers.write_video_without_audio(dst, seconds=1.0)
+        tk.write_video_without_audio(dst, seconds=1.0)
     elif kind == "header-only":
-        helpers.write_truncated_copy(piece, dst, keep=44)
+        tk.write_truncated_copy(piece, dst, keep=44)
     elif kind == "truncated-flac":
-        flac = helpers.encode_audio(piece, dst.with_name(dst.name + ".src.flac"), "flac")
-        helpers.write_truncated_copy(flac, dst, keep=30)
+        flac = tk.encode_audio(piece, dst.with_name(dst.name + ".src.flac"), "flac")
+        tk.write_truncated_copy(flac, dst, keep=30)
         flac.unlink()
     elif kind == "dangling-symlink":
         os.symlink(f"/nonexistent/chaos-{seed}.wav", dst)
@@ -321,6 +208,7 @@ class Fault:
     started: float
     ended: float = 0.0
     inflight: tuple[str, ...] = ()
+    held: tuple[str, ...] = ()  # kill/stop: the claims its node held the moment the signal went
     recovered_at: float | None = None
 
 
@@ -341,35 +229,19 @@ class Run:
     fill: Path | None = None
     errors: list[str] = field(default_factory=list)
 
-    # --- where things are ---
-    def locations(self) -> dict[str, list[str]]:
-        """Original name -> the states it is found in (inbox, processing, archive, failed)."""
-        where: dict[str, list[str]] = defaultdict(list)
-        for state in ("inbox", "processing", "archive", "failed"):
-            try:
-                names = os.listdir(self.spool / state)
-            except OSError:
-                continue
-            for n in names:
-                if state == "inbox":
-                    if n.startswith(".") or n.endswith(".part"):
-                        continue
-                    where[n].append(state)
-                elif state == "processing":
-                    where[n.split("__", 1)[0]].append(state)
-                elif not n.endswith(".report.json"):
-                    where[n[13:]].append(state)  # "<job>.<orig>"
-        return where
+    seen: dict[str, Seen] = field(default_factory=dict)  # job id -> its latest claim seen in processing/
 
-    def finished(self) -> set[str]:
-        return {n for n, w in self.locations().items() if any(s in ("archive", "failed") for s in w)}
+    @property
+    def sp(self) -> SpoolView:
+        return SpoolView(self.spool, self.nodes)
 
-    def claims_of(self, node: str | None) -> tuple[str, ...]:
-        try:
-            names = os.listdir(self.spool / "processing")
-        except OSError:
-            return ()
-        return tuple(n.split("__", 1)[0] for n in names if node is None or f"__{node}_" in n)
+    def note_claims(self) -> None:
+        """Record each job's latest claim in processing/ (what inv. 6 is judged against at the end)."""
+        now = time.time()
+        for c in self.sp.claim_names():
+            last = self.seen.get(c.job)
+            if c.attempt is not None and c.node is not None and (last is None or c.attempt > last.attempt):
+                self.seen[c.job] = Seen(c.attempt, c.node, now)
 
 
 def feed(run: Run, pieces: list[Path], stage: Path) -> None:
@@ -395,10 +267,14 @@ def _feed(run: Run, pieces: list[Path], stage: Path) -> None:
         if run.stop_all.is_set():
             break
         while not run.stop_all.is_set():  # keep a backlog of about 3 files per node, no more
-            backlog = len(os.listdir(inbox)) + len(run.claims_of(None))
+            backlog = len(os.listdir(inbox)) + len(run.sp.claims_of())
             if backlog < 3 * len(run.nodes):
                 break
             time.sleep(0.2)
+        if i >= 0.8 * n:  # the last fifth waits for the faults still owed, so that files remain to harm
+            until = time.monotonic() + 3 * run.args.gap_max
+            while not run.stop_all.is_set() and time.monotonic() < until and faults_owed(run):
+                time.sleep(0.2)
         stem = f"c{i:04d}-{kind}"
         piece_no = rng.randrange(len(pieces))
         piece = pieces[piece_no]
@@ -467,9 +343,10 @@ def _drop_file(run: Run, src: Path, d: Drop, in_place: bool) -> None:
 
 
 def monitor(run: Run) -> None:
-    """Stamp each input's finishing time and each fault's recovery time."""
+    """Stamp each input's finishing time and each fault's recovery time; record the claims seen."""
     while not run.stop_all.is_set():
-        done = run.finished()
+        run.note_claims()
+        done = run.sp.finished()
         now = time.monotonic()
         for name in done:
             d = run.drops.get(name)
@@ -491,19 +368,26 @@ def harm(run: Run) -> None:
         run.notes.append("no tmpfs/bind mounts (not root?): the 'full' and 'ro' faults were skipped")
         weights[3] = weights[4] = 0
     time.sleep(rng.uniform(2, 5))
-    while not run.stop_all.is_set() and not (run.feeding_done.is_set() and len(run.faults) >= a.min_faults):
-        if run.feeding_done.is_set() and not run.claims_of(None) and not os.listdir(run.spool / "inbox"):
+    while not run.stop_all.is_set() and not (
+        run.feeding_done.is_set() and not faults_owed(run)
+    ):
+        if run.feeding_done.is_set() and not run.sp.claims_of() and not os.listdir(run.spool / "inbox"):
             break  # nothing left to harm
         kind = rng.choices(kinds, weights)[0]
         live = [n for n in run.nodes if n.alive() and not n.stopped]
+        holders = [n for n in live if run.sp.claims_of(n.name)]
+        if unmet(run) and holders and len(live) >= 2:
+            kind = rng.choice(unmet(run))  # a required kind has not yet hit a node holding claims
         if kind in ("kill", "stop", "worker") and len(live) < 2:
             kind = "full" if run.mounted else "worker"
         node = rng.choice(live) if live else None
+        if kind in ("kill", "stop") and holders:
+            node = rng.choice(holders)  # harm where it costs: a node in the middle of a job
         if kind == "worker":
             busy = [n for n in live if n.workers()]
             node = rng.choice(busy) if busy else node
         f = Fault(kind, node.name if node and kind in ("kill", "stop", "worker") else None, time.monotonic())
-        f.inflight = run.claims_of(f.node)  # recovery: until all of these are finished
+        f.inflight = tuple(run.sp.claims_of(f.node))  # recovery: until all of these are finished
         run.faults.append(f)
         try:
             _do_fault(run, f, node, rng)
@@ -512,13 +396,26 @@ def harm(run: Run) -> None:
         f.ended = time.monotonic()
         log(
             f"fault {len(run.faults)}: {kind}{' on ' + f.node if f.node else ''} "
-            f"({f.ended - f.started:.1f} s, {len(f.inflight)} file(s) in flight)"
+            f"({f.ended - f.started:.1f} s, {len(f.inflight)} file(s) in flight"
+            f"{f', {len(f.held)} claim(s) held by the node' if f.kind in ('kill', 'stop') else ''})"
         )
         time.sleep(rng.uniform(a.gap_min, a.gap_max))
 
 
+def faults_owed(run: Run) -> bool:
+    """Whether ``--min-faults`` or ``--require`` still asks for faults."""
+    return len(run.faults) < run.args.min_faults or bool(unmet(run))
+
+
+def unmet(run: Run) -> list[str]:
+    """The ``--require`` kinds that have not yet hit a node holding claims."""
+    return [k for k in run.args.require if not any(f.kind == k and f.held for f in run.faults)]
+
+
 def _do_fault(run: Run, f: Fault, node: Node | None, rng: random.Random) -> None:
     lease = run.args.lease
+    if f.kind in ("kill", "stop") and node is not None:
+        f.held = tuple(run.sp.claims_of(node.name))
     if f.kind == "kill":
         assert node is not None
         node.kill9()
@@ -534,7 +431,7 @@ def _do_fault(run: Run, f: Fault, node: Node | None, rng: random.Random) -> None
         assert node is not None
         pids = node.workers()
         if pids:
-            with _ignore():
+            with contextlib.suppress(OSError):
                 os.killpg(rng.choice(pids), signal.SIGKILL)
     elif f.kind == "full":
         fill_spool(run)
@@ -556,7 +453,7 @@ def fill_spool(run: Run) -> None:
                 f.flush()
         except OSError:
             pass
-    with _ignore(), open(run.fill, "ab") as f:  # and the last few KB
+    with contextlib.suppress(OSError), open(run.fill, "ab") as f:  # and the last few KB
         while True:
             f.write(b"\0" * 4096)
             f.flush()
@@ -582,7 +479,7 @@ def outbox_ro(run: Run, on: bool) -> None:
 def restore(run: Run) -> None:
     """Undo every fault: wake stopped nodes, restart dead ones, free space, outbox writable."""
     free_spool(run)
-    with _ignore():
+    with contextlib.suppress(OSError):
         outbox_ro(run, False)
     for n in run.nodes:
         if n.stopped:
@@ -597,108 +494,56 @@ def restore(run: Run) -> None:
 
 
 def check(run: Run) -> dict:
-    """Every DESIGN.md §1 invariant over the final spool; returns the figures and the problems."""
-    sp = run.spool
-    problems: list[str] = []
-    where = run.locations()
-    lost, orphaned, unfinished, duplicated = [], [], [], set()
-    transcribed, failed_ok, good_failed, hostile_wrong = 0, 0, [], []
-    # inv. 1: exactly one place; at the end archive/ or failed/
+    """Every DESIGN.md §1 invariant over the final spool (testkit.invariants), and the chaos run's own
+    expectations: good files transcribed and published by the last claim of their job, hostile ones
+    failed with their reason. Returns the figures and the problems."""
+    run.note_claims()
+    sp = run.sp
+    found = tk.check_spool(sp, list(run.drops), max_attempts=run.args.max_attempts, seen=run.seen)
+    transcribed, published_once, failed_ok, takeovers = 0, 0, 0, 0
+    good_failed, hostile_wrong = [], []
     for name, d in run.drops.items():
-        w = where.get(name, [])
-        if not w:
-            lost.append(name)
-        elif len(w) > 1:
-            duplicated.add(name)
-            problems.append(f"{name} is in {w}")
-        elif w[0] == "processing":
-            orphaned.append(name)
-        elif w[0] == "inbox":
-            unfinished.append(name)
-    unknown = sorted(set(where) - set(run.drops))
-    if unknown:
-        problems.append(f"entries nobody dropped: {unknown[:5]}")
-    # inv. 2 and 3: reports, outputs, temp files
-    reports: dict[str, list[tuple[str, dict]]] = defaultdict(list)
-    listed: set[str] = set()
-    for p in sorted((sp / "outbox").iterdir()):
-        if p.name.startswith(".") or p.name.endswith((".tmp", ".part")):
-            problems.append(f"temp/partial file in outbox/: {p.name}")
-        if p.name.endswith(".report.json"):
-            r = json.loads(p.read_bytes())
-            reports[r["job"]["original_name"]].append(("outbox", r))
-            listed.add(p.name)
-            for out in (r.get("outputs") or {}).values():
-                listed.add(out)
-                if not (sp / "outbox" / out).is_file():
-                    problems.append(f"{p.name} lists {out}, which is missing")
-    stray = sorted(p.name for p in (sp / "outbox").iterdir() if p.name not in listed)
-    if stray:
-        problems.append(f"outbox/ files no report lists: {stray[:5]}")
-    for p in sorted((sp / "failed").iterdir()):
-        if p.name.endswith(".report.json"):
-            r = json.loads(p.read_bytes())
-            reports[p.name[13 : -len(".report.json")]].append(("failed", r))
-        elif not (sp / "failed" / f"{p.name}.report.json").exists():
-            problems.append(f"failed/{p.name} has no report")
-    for name, d in run.drops.items():
-        rs = reports.get(name, [])
-        if len(rs) > 1:
-            duplicated.add(name)
-            problems.append(f"{name} has {len(rs)} reports")
-        w = where.get(name, [])
-        if not rs:
-            if w and w[0] in ("archive", "failed"):
-                problems.append(f"{name} finished in {w[0]}/ without a report")
-            continue
-        kind, r = rs[0]
-        attempts = (r.get("job") or {}).get("attempt") or 0
-        if attempts > run.args.max_attempts:
-            problems.append(f"{name}: attempt {attempts} > SMAPD_MAX_ATTEMPTS")
+        one = found.report(name)
+        if one is None:
+            continue  # lost, or more than one report: check_spool said so
+        where, r = one
+        takeovers += where == "outbox" and ((r.get("job") or {}).get("attempt") or 0) > 1
         if d.good:
-            txt = sp / "outbox" / (r.get("outputs") or {}).get(".txt", "-")
-            if kind == "outbox" and r["outcome"] == "success" and txt.is_file() and txt.read_text().strip():
+            if where == "outbox" and r["outcome"] == "success" and sp.text(r).strip():
                 transcribed += 1
+                published_once += name in found.published_once
             else:
-                good_failed.append(f"{name} (piece {d.piece}): {kind} {r.get('outcome')} {r.get('error')}")
+                good_failed.append(f"{name} (piece {d.piece}): {where} {r.get('outcome')} {r.get('error')}")
+        elif where == "failed" and d.fragment in (r.get("error") or ""):
+            failed_ok += 1
         else:
-            if kind == "failed" and d.fragment in (r.get("error") or ""):
-                failed_ok += 1
-            else:
-                hostile_wrong.append(f"{name}: {kind} {r.get('outcome')} {r.get('error')}")
+            hostile_wrong.append(f"{name}: {where} {r.get('outcome')} {r.get('error')}")
     for i, line in enumerate(good_failed):  # did the same speech go through in another file?
         piece = int(line.split("(piece ", 1)[1].split(")", 1)[0])
         same = [n for n, d in run.drops.items() if d.good and d.piece == piece and n not in line]
         ok = sum(1 for n in same if n not in " ".join(good_failed))
         good_failed[i] = f"{line} [the same speech in {ok} of {len(same)} other files: transcribed]"
-    # inv. 6: each input published by one node only (a stopped node must not publish what was taken)
-    published: dict[str, list[str]] = defaultdict(list)
-    taken_warnings = 0
-    for n in run.nodes:
-        text = n.log_text()
-        taken_warnings += text.count("publish nothing") + text.count("publishing nothing")
-        for line in text.splitlines():
-            if ": published " in line and " outputs as " in line:
-                published[line.split(" INFO ", 1)[-1].strip().split(": published ", 1)[0]].append(n.name)
-    for name, who in published.items():
-        if len(who) > 1:
-            duplicated.add(name)
-            problems.append(f"{name} published {len(who)} times (by {who})")
-    stems_left = os.listdir(sp / ".smapd" / "stems") if (sp / ".smapd" / "stems").exists() else []
-    if stems_left:
-        problems.append(f"stem reservations left in .smapd/stems: {stems_left[:5]}")
+    problems = list(found.problems)
+    if published_once != transcribed:
+        problems.append(f"published by the last claim of their job: {published_once} of {transcribed} transcribed")
+    hit = {k: sum(1 for f in run.faults if f.kind == k and f.held) for k in ("kill", "stop")}
+    missing = unmet(run)
+    if missing:
+        problems.append(f"required faults never hit a node holding claims: {', '.join(missing)}")
     tracebacks = sum(n.log_text().count("Traceback") for n in run.nodes)
     return {
-        "lost": lost,
-        "orphaned": orphaned,
-        "unfinished": unfinished,
-        "duplicated": sorted(duplicated),
+        "lost": found.lost,
+        "orphaned": found.orphaned,
+        "unfinished": found.unfinished,
+        "duplicated": sorted(found.duplicated),
         "transcribed": transcribed,
+        "published_once": published_once,
         "failed_ok": failed_ok,
         "good_failed": good_failed,
         "hostile_wrong": hostile_wrong,
         "problems": problems,
-        "taken_warnings": taken_warnings,
+        "takeovers": takeovers,
+        "hit": hit,
         "tracebacks": tracebacks,
     }
 
@@ -720,7 +565,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hostile", type=float, default=0.04, help="fraction of hostile inputs (at least one of each kind)"
     )
     p.add_argument(
-        "--min-faults", type=int, default=0, help="keep injecting faults until this many (while files remain)"
+        "--min-faults",
+        type=int,
+        default=0,
+        help="keep injecting faults until this many (while files remain; the last fifth of the files waits "
+        "up to 3 fault gaps each for them)",
     )
     p.add_argument("--gap-min", type=float, default=3.0, help="seconds between faults, at least")
     p.add_argument("--gap-max", type=float, default=10.0, help="seconds between faults, at most")
@@ -730,45 +579,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spool-mb", type=int, default=160, help="size of the tmpfs the spool lives on")
     p.add_argument("--beam-size", type=int, default=1, help="SMAPD_BEAM_SIZE (1: fastest)")
     p.add_argument("--model-cache", default=os.environ.get("SMAPD_MODEL_CACHE", ""))
+    p.add_argument("--speech", default=None, help="speech clips with a manifest.tsv (default: see above)")
+    p.add_argument(
+        "--require",
+        type=lambda v: [k for k in v.split(",") if k],
+        default=[],
+        help="fault kinds (kill,stop) that must hit a node holding claims; faults go on until they have",
+    )
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, spool copy)")
     return p.parse_args(argv)
 
 
 def node_env(args: argparse.Namespace) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("SMAPD_")
-        and k
-        not in (
-            "MAX_PARALLEL_WORKERS",
-            "USE_PARALLEL_TRANSCRIPTION",
-            "MAX_CONCURRENT_JOBS",
-            "CHUNK_TIMEOUT",
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-        )
-    }
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
-        MAX_PARALLEL_WORKERS="1",
-        SMAPD_CPU_THREADS="1",
-        MAX_CONCURRENT_JOBS="1",
-        CHUNK_TIMEOUT="30",
-        SMAPD_LANGUAGE="en",
+    return tk.daemon_env(
+        args.model_cache or None,
+        SMAPD_CPU_THREADS=1,
+        MAX_CONCURRENT_JOBS=1,
+        CHUNK_TIMEOUT=30,
         SMAPD_FORMATS="txt,srt",
-        SMAPD_BEAM_SIZE=str(args.beam_size),
-        SMAPD_LEASE_SECONDS=str(args.lease),
-        SMAPD_RESCAN_SECONDS="1",
-        SMAPD_SETTLE_SECONDS="1",
-        SMAPD_MAX_ATTEMPTS=str(args.max_attempts),
-        SMAPD_SHUTDOWN_GRACE_SECONDS="15",
+        SMAPD_BEAM_SIZE=args.beam_size,
+        SMAPD_LEASE_SECONDS=args.lease,
+        SMAPD_SETTLE_SECONDS=1,
+        SMAPD_MAX_ATTEMPTS=args.max_attempts,
+        SMAPD_SHUTDOWN_GRACE_SECONDS=15,
         SMAPD_WATCH="auto",
         SMAPD_LOG_LEVEL="INFO",
     )
-    if args.model_cache:
-        env["SMAPD_MODEL_CACHE"] = args.model_cache
-    return env
 
 
 def keep_spool(spool: Path, dest: Path) -> None:
@@ -779,7 +615,7 @@ def keep_spool(spool: Path, dest: Path) -> None:
         for name in filenames:
             src = Path(dirpath) / name
             if src.is_file() and not src.is_symlink() and name != "chaos-fill.bin":
-                with _ignore():
+                with contextlib.suppress(OSError):
                     shutil.copy2(src, dest / rel / name)
 
 
@@ -826,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stage = root / "stage"
         stage.mkdir()
-        pieces = make_pieces(rng, stage, max(8, min(60, args.files // 5)))
+        pieces = make_pieces(rng, stage, max(8, min(60, args.files // 5)), tk.speech_dir(args.speech))
         for sub in ("inbox", "processing", "outbox", "archive", "failed"):
             (spool / sub).mkdir(exist_ok=True)
         env = node_env(args)
@@ -854,12 +690,12 @@ def main(argv: list[str] | None = None) -> int:
         for n in run.nodes:
             n.wait_ready(60)
         log("feeding and faults done; waiting for the spool to drain")
-        helpers.wait_for(
+        tk.wait_for(
             lambda: (
                 run.stop_all.is_set()
                 or (
                     not [x for x in os.listdir(spool / "inbox")]
-                    and not run.claims_of(None)
+                    and not run.sp.claims_of()
                     and all(d.done_at is not None for d in run.drops.values())
                 )
             ),
@@ -890,13 +726,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         run.stop_all.set()
         for n in run.nodes:
-            with _ignore():
+            with contextlib.suppress(OSError):
                 n.cont()
-            with _ignore():
+            with contextlib.suppress(OSError):
                 n.kill9()
-        with _ignore():
+        with contextlib.suppress(OSError):
             free_spool(run)
-        with _ignore():
+        with contextlib.suppress(OSError):
             outbox_ro(run, False)
         logs_dir = root
         if mounted:
@@ -927,9 +763,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chaos: note: {note}")
     print(
         f"chaos: faults {len(run.faults)} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); "
-        f"taken-over claims noticed by their old owner: {result['taken_warnings']}; "
+        f"jobs published by a later attempt: {result['takeovers']}; "
         f"tracebacks in node logs: {result['tracebacks']}; node restarts: "
         f"{sum(n.lives - 1 for n in run.nodes)}; logs in {logs_dir}",
+        flush=True,
+    )
+    print(
+        f"chaos: published once, by the last claim of their job (from the spool): {result['published_once']} "
+        f"of {result['transcribed']} transcribed; faults that hit a node holding claims: "
+        f"kill {result['hit']['kill']}, stop {result['hit']['stop']}",
         flush=True,
     )
     summary = (

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` from any test module
+pytest.register_assert_rewrite("testkit")  # its asserts explain themselves like a test's; before the import
 
-import helpers
+import testkit as tk
 
 # Seconds of audio the long-form recording reaches (clips repeated in reshuffled rounds).
 LONGFORM_TARGET_SECONDS = 270.0
@@ -37,30 +36,30 @@ class LongformRecording:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """tests/data: the speech clips, manifest.tsv and SOURCES.md."""
-    return helpers.DATA_DIR
+    return tk.DATA_DIR
 
 
 @pytest.fixture(scope="session")
 def tools_dir() -> Path:
     """tests/tools: sphinx-transcribe, sleepy-engine, crashy-engine."""
-    return helpers.TOOLS_DIR
+    return tk.TOOLS_DIR
 
 
 @pytest.fixture(scope="session")
 def manifest(data_dir: Path) -> list[dict[str, str]]:
     """Rows of tests/data/manifest.tsv (file, seconds, language, source_repo, source_path, reference_text)."""
-    return helpers.read_manifest(data_dir / "manifest.tsv")
+    return tk.read_manifest(data_dir / "manifest.tsv")
 
 
 @pytest.fixture(scope="session")
 def longform(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> LongformRecording:
-    """A ~4.5-minute 16 kHz mono WAV of the English clips with pauses, built once per session.
+    """A ~4.5-minute 16 kHz mono WAV of the English clips with pauses of room tone, built once per session.
 
     Next to it: longform.txt (reference) and longform.json (spans).
     """
     out = tmp_path_factory.mktemp("longform") / "longform.wav"
-    lf = helpers.make_longform(helpers.manifest_clips("en", data_dir), out, seed=LONGFORM_SEED,
-                               target_seconds=LONGFORM_TARGET_SECONDS)
+    lf = tk.make_longform(tk.manifest_clips("en", data_dir), out, seed=LONGFORM_SEED,
+                               target_seconds=LONGFORM_TARGET_SECONDS, room_tone=True)
     return LongformRecording(out, lf.duration, lf.reference_text, lf.spans)
 
 

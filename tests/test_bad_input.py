@@ -9,28 +9,28 @@ from pathlib import Path
 
 import pytest
 
-import helpers
-from test_transcribe import smapd
+import testkit as tk
+from testkit import smapd
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def env(model_cache_dir: Path, model_dir: Path) -> dict[str, str]:
-    return dict(os.environ, SMAPD_MODEL_CACHE=str(model_cache_dir), SMAPD_LANGUAGE="en")
+    return tk.smapd_env(model_cache_dir, SMAPD_LANGUAGE="en")
 
 
 def _bad_files(tmp: Path, data: Path) -> dict[str, tuple[Path, str]]:
     """name -> (file, a fragment the error must contain)."""
     flac = data / "librispeech-2412-153948-0000.flac"
     return {
-        "empty": (helpers.write_empty(tmp / "empty.wav"), "empty (0 bytes)"),
-        "random": (helpers.write_random_bytes(tmp / "random.wav"), "not a readable audio or video file"),
-        "text": (helpers.write_text_as(tmp / "list.mp3"), "not a readable audio or video file"),
-        "video": (helpers.write_video_without_audio(tmp / "video.mp4"), "no audio track"),
-        "header_only": (helpers.write_truncated_copy(data / "ljspeech-LJ001-0001.wav", tmp / "hdr.wav", keep=44),
+        "empty": (tk.write_empty(tmp / "empty.wav"), "empty (0 bytes)"),
+        "random": (tk.write_random_bytes(tmp / "random.wav"), "not a readable audio or video file"),
+        "text": (tk.write_text_as(tmp / "list.mp3"), "not a readable audio or video file"),
+        "video": (tk.write_video_without_audio(tmp / "video.mp4"), "no audio track"),
+        "header_only": (tk.write_truncated_copy(data / "ljspeech-LJ001-0001.wav", tmp / "hdr.wav", keep=44),
                         "no audio"),
-        "truncated_flac_head": (helpers.write_truncated_copy(flac, tmp / "head.flac", keep=30), ""),
+        "truncated_flac_head": (tk.write_truncated_copy(flac, tmp / "head.flac", keep=30), ""),
     }
 
 
@@ -44,7 +44,7 @@ def test_each_bad_input_fails_clearly(tmp_path, data_dir, env):
         line = [x for x in proc.stderr.splitlines() if x.startswith("smapd: ")]
         assert len(line) == 1 and str(path) in line[0], (name, proc.stderr[-1500:])
         assert fragment in line[0], (name, line[0])
-        report = helpers.load_json(out / f"{path.stem}.report.json")
+        report = tk.load_json(out / f"{path.stem}.report.json")
         assert report["outcome"] == "failed" and fragment in report["error"], (name, report["error"])
         assert not (out / f"{path.stem}.txt").exists()
 
@@ -66,36 +66,36 @@ def test_unreadable_file(tmp_path, data_dir, env):
     out = tmp_path / "out"
     proc = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
                            sys.executable, "-m", "smapd.cli", "transcribe", str(src), "-o", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"smapd: {src}: permission denied" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert helpers.load_json(out / "secret.report.json")["outcome"] == "failed"
+    assert tk.load_json(out / "secret.report.json")["outcome"] == "failed"
 
 
 def test_truncated_file_keeps_what_decodes(tmp_path, data_dir, env):
     """A file cut in half: the first half is transcribed and the report says decoding stopped."""
     src = data_dir / "librispeech-1320-122617-0001.flac"
-    cut = helpers.write_truncated_copy(src, tmp_path / "half.flac", keep=0.5)
+    cut = tk.write_truncated_copy(src, tmp_path / "half.flac", keep=0.5)
     out = tmp_path / "out"
     proc = smapd("transcribe", str(cut), "-o", str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = helpers.load_json(out / "half.report.json")
+    report = tk.load_json(out / "half.report.json")
     assert 3.0 < report["input"]["duration"] < 10.0
     assert (out / "half.txt").read_text().strip()
 
 
 def test_silence_and_noise_give_empty_transcripts(tmp_path, env):
     """No hallucinated 'Thank you.' on silence or noise: success with an empty transcript."""
-    files = [helpers.write_silence_wav(tmp_path / "silence.wav", 40.0),
-             helpers.write_noise_wav(tmp_path / "noise.wav", 20.0, amplitude=0.05)]
+    files = [tk.write_silence_wav(tmp_path / "silence.wav", 40.0),
+             tk.write_noise_wav(tmp_path / "noise.wav", 20.0, amplitude=0.05)]
     out = tmp_path / "out"
     proc = smapd("transcribe", *map(str, files), "-o", str(out), env=dict(env, SMAPD_LANGUAGE="auto"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     for f in files:
         assert (out / f"{f.stem}.txt").read_text().strip() == "", f.name
-        report = helpers.load_json(out / f"{f.stem}.report.json")
+        report = tk.load_json(out / f"{f.stem}.report.json")
         assert report["outcome"] == "success" and report["chunks"] == []
-        assert helpers.parse_srt((out / f"{f.stem}.srt").read_text()) == []
+        assert tk.parse_srt((out / f"{f.stem}.srt").read_text()) == []
 
 
 def test_bad_settings_exit_2_with_one_line(tmp_path, env):

@@ -1,4 +1,5 @@
-"""The chaos run (issue 5), short: bench/chaos.py with 3 nodes, ~36 files and at least 5 faults.
+"""The chaos run (issue 5), short: bench/chaos.py with 3 nodes, 36 files and at least 6 faults, of
+which at least one kill -9 and one SIGSTOP past the lease hit a node holding claims.
 
 The long run (300 files, 20+ faults) is `python bench/chaos.py`; README "Reliability" has its figures.
 """
@@ -13,9 +14,16 @@ from pathlib import Path
 
 import pytest
 
+import testkit as tk
+
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = tk.REPO
+PUBLISHED = re.compile(
+    r"^chaos: published once, by the last claim of their job \(from the spool\): (\d+) of (\d+) transcribed; "
+    r"faults that hit a node holding claims: kill (\d+), stop (\d+)$",
+    re.MULTILINE,
+)
 SUMMARY = re.compile(
     r"^files (\d+) · transcribed (\d+) · failed-as-expected (\d+) · lost (\d+) · duplicated (\d+) · "
     r"orphaned claims (\d+) · faults (\d+) · max recovery (\d+) s · throughput ([\d.]+) files/s$",
@@ -25,11 +33,7 @@ SUMMARY = re.compile(
 
 def test_short_chaos_run_loses_and_duplicates_nothing(model_dir: Path, model_cache_dir: Path) -> None:
     seed = int(os.environ.get("SMAPD_CHAOS_SEED", "5"))
-    env = dict(
-        os.environ,
-        SMAPD_MODEL_CACHE=str(model_cache_dir),
-        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
-    )
+    env = tk.smapd_env(model_cache_dir)
     proc = subprocess.run(
         [
             sys.executable,
@@ -50,6 +54,8 @@ def test_short_chaos_run_loses_and_duplicates_nothing(model_dir: Path, model_cac
             "5",
             "--drop-gap",
             "1.2",
+            "--require",
+            "kill,stop",
         ],
         env=env,
         capture_output=True,
@@ -67,3 +73,8 @@ def test_short_chaos_run_loses_and_duplicates_nothing(model_dir: Path, model_cac
     assert (lost, duplicated, orphaned) == (0, 0, 0), out[-4000:]
     assert faults >= 5, out[-4000:]
     assert f"seed {seed}" in proc.stdout
+    p = PUBLISHED.search(proc.stdout)
+    assert p, out[-4000:]
+    published, of, kills, stops = (int(x) for x in p.groups())
+    assert published == of == transcribed, out[-4000:]  # judged from the spool: reports, claims, archive/
+    assert kills >= 1 and stops >= 1, out[-4000:]  # the fault mix did hit nodes in the middle of jobs

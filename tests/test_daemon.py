@@ -2,7 +2,7 @@
 
 Each DESIGN.md §1 invariant has a test here that fails if it breaks (numbers in the test names'
 docstrings). Daemons are started once per group (module fixtures) and always killed, with their
-workers' process groups, in the finalizers. Waits are ``helpers.wait_for`` with timeouts.
+workers' process groups, in the finalizers. Waits are ``tk.wait_for`` with timeouts.
 
 Groups:
 - ``solo``: one node (2 workers, MAX_CONCURRENT_JOBS=2): drops by rename / slow write / open writer /
@@ -15,11 +15,11 @@ Groups:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,18 +28,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import helpers
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-from chaos import Node as ChaosNode
+import testkit as tk
+from testkit import Node, NotifySocket, SpoolView, input_name, kill_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
-CLIP = helpers.DATA_DIR / "fleurs-en-003.ogg"  # 5.8 s, opus
-CLIP_TEXT = "the cabbage juice changes color depending on how acidic or basic alkaline the chemical is"
+CLIP = tk.SHORT_CLIP
+CLIP_TEXT = tk.reference_text(CLIP)
 SETTLE = 1.5
 RESCAN = 1.0
 SKEW = 600.0  # seconds: c2 runs 10 minutes fast, c3 10 minutes slow
@@ -65,182 +63,22 @@ if _skew:
 # --------------------------------------------------------------------------------------------
 
 
-def make_env(model_cache_dir: Path, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("SMAPD_")
-        and k not in ("MAX_PARALLEL_WORKERS", "MAX_CONCURRENT_JOBS", "CHUNK_TIMEOUT", "NOTIFY_SOCKET",
-                      "WATCHDOG_USEC", "USE_PARALLEL_TRANSCRIPTION")
-    }
-    env.update(
-        PYTHONPATH=str(REPO),
-        SMAPD_MODEL_CACHE=str(model_cache_dir),
-        MAX_PARALLEL_WORKERS="1",
-        SMAPD_CPU_THREADS="1",
-        SMAPD_LANGUAGE="en",
-        SMAPD_FORMATS="txt",
-        SMAPD_WATCH="inotify",
-        SMAPD_RESCAN_SECONDS=str(RESCAN),
-        SMAPD_SETTLE_SECONDS=str(SETTLE),
-        SMAPD_LEASE_SECONDS="10",
-        SMAPD_SHUTDOWN_GRACE_SECONDS="30",
-    )
-    env.update(extra)
-    return env
+NODE_SETTINGS = {"SMAPD_CPU_THREADS": 1, "SMAPD_FORMATS": "txt", "SMAPD_WATCH": "inotify",
+                 "SMAPD_RESCAN_SECONDS": RESCAN, "SMAPD_SETTLE_SECONDS": SETTLE, "SMAPD_LEASE_SECONDS": 10,
+                 "SMAPD_SHUTDOWN_GRACE_SECONDS": 30}
 
 
-class Node(ChaosNode):
-    """bench/chaos.py's restartable node; ready means "ready: watching" in *this* life's log."""
-
-    def life_log(self) -> str:
-        return self.logs[-1].read_text(errors="replace") if self.logs and self.logs[-1].exists() else ""
-
-    def wait_ready(self, timeout: float = 120) -> bool:
-        return helpers.wait_for(lambda: not self.alive() or "ready: watching" in self.life_log(), timeout,
-                                interval=0.1) and self.alive()
-
-
-def start(node: Node, timeout: float = 120) -> Node:
-    node.start()
-    if not node.wait_ready(timeout):
-        log = node.log_text()[-3000:]
-        node.kill9()
-        pytest.fail(f"node {node.name} did not start:\n{log}")
-    return node
-
-
-def kill_all(*nodes: Node) -> None:
-    for n in nodes:
-        for w in n.workers():  # stopped ones too: SIGKILL reaches a stopped process
-            with _ignore():
-                os.killpg(w, signal.SIGKILL)
-        n.kill9()
-
-
-class _ignore:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, *_: object) -> bool:
-        return kind is not None and issubclass(kind, (OSError, ValueError, KeyError))  # type: ignore[arg-type]
-
-
-def signal_workers(node: Node, sig: signal.Signals, expect: int | None = None) -> list[int]:
-    """Send ``sig`` to every worker of ``node`` (each is its own process group); returns their pids."""
-    found: list[int] = []
-
-    def look() -> bool:
-        found[:] = [w for w in node.workers() if helpers.pid_alive(w)]
-        return bool(found) and (expect is None or len(found) == expect)
-
-    assert helpers.wait_for(look, 30), f"node {node.name}: workers {found}, expected {expect}"
-    for w in found:
-        os.killpg(w, sig)
-    return found
+def make_env(model_cache_dir: Path, **extra: object) -> dict[str, str]:
+    return tk.daemon_env(model_cache_dir, **{**NODE_SETTINGS, **extra})
 
 
 def listdir(d: Path) -> list[str]:
     return os.listdir(d)
 
 
-def input_name(report: dict[str, Any]) -> str:
-    """The dropped name a report is about (refusal reports carry no job.original_name)."""
-    job = report.get("job") or {}
-    if job.get("original_name"):
-        return job["original_name"]
-    inp = report.get("input") or {}
-    return os.fsdecode(bytes(inp["raw"])) if inp.get("raw") else inp["name"]
-
-
-def display(name: str) -> str:
-    """How reports show a name that is not UTF-8: undecodable bytes as U+FFFD (the exact bytes stay in
-    the archive/ name, found by job id)."""
-    return os.fsencode(name).decode("utf-8", "replace")
-
-
-class SpoolView:
-    """The test's side of a spool: drop files the ways users do, read reports, wait for outcomes."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.inbox, self.processing, self.outbox, self.archive, self.failed = (
-            root / d for d in ("inbox", "processing", "outbox", "archive", "failed"))
-        self.stage = root.parent / f"{root.name}-stage"  # same filesystem: a rename from here is atomic
-        self.stage.mkdir(exist_ok=True)
-
-    def drop(self, src: Path, name: str) -> float:
-        """Write elsewhere on the same filesystem, then rename into inbox/ (the documented safe way).
-
-        Returns the monotonic time of the rename."""
-        tmp = self.stage / f"drop-{time.monotonic_ns()}"
-        shutil.copyfile(src, tmp)
-        os.rename(tmp, self.inbox / name)
-        return time.monotonic()
-
-    def in_inbox(self, name: str) -> bool:
-        return name in listdir(self.inbox)
-
-    def claims(self) -> list[str]:
-        return listdir(self.processing)
-
-    def reports(self) -> list[tuple[str, dict[str, Any]]]:
-        out = []
-        for where in ("outbox", "failed"):
-            for n in listdir(self.root / where):
-                if n.endswith(".report.json"):
-                    try:
-                        out.append((where, json.loads((self.root / where / n).read_bytes())))
-                    except FileNotFoundError:
-                        continue
-                    except ValueError:  # inv. 3: a reader must never see a half-written report
-                        pytest.fail(f"{where}/{n} is not complete JSON")
-        return out
-
-    def reports_for(self, name: str) -> list[tuple[str, dict[str, Any]]]:
-        return [(w, r) for w, r in self.reports() if input_name(r) in (name, display(name))]
-
-    def wait_report(self, name: str, timeout: float = 60, nodes: tuple[Node, ...] = ()) -> tuple[str, dict[str, Any]]:
-        found: list[tuple[str, dict[str, Any]]] = []
-
-        def look() -> bool:
-            found[:] = self.reports_for(name)
-            return bool(found)
-
-        if not helpers.wait_for(look, timeout, 0.1):
-            logs = "\n".join(f"--- {n.name}\n{n.log_text()[-2500:]}" for n in nodes)
-            pytest.fail(f"no report for {name!r} within {timeout} s\n{logs}")
-        return found[0]
-
-    def transcribed(self, name: str, timeout: float = 60, nodes: tuple[Node, ...] = (),
-                    reference: str | None = CLIP_TEXT) -> dict[str, Any]:
-        where, report = self.wait_report(name, timeout, nodes)
-        assert where == "outbox" and report["outcome"] == "success", (name, report.get("error"))
-        assert len(self.reports_for(name)) == 1, f"inv. 2: more than one report for {name!r}"
-        # the report is published first, then the original is archived (the finish order)
-        assert helpers.wait_for(lambda: len(self.archived(report["job"]["id"])) == 1, 10), \
-            f"{name!r}: not archived after its report"
-        if reference is not None:
-            text = (self.outbox / report["outputs"][".txt"]).read_text(encoding="utf-8")
-            assert helpers.word_recall(reference, text) >= 0.6, (name, text)
-        return report
-
-    def locations(self, name: str) -> list[str]:
-        """Where ``name`` is (inv. 1), listing in reverse flow order so a forward move is never seen twice."""
-        out = []
-        for d in (self.failed, self.archive):
-            out += [d.name for n in listdir(d) if n.split(".", 1)[-1] == name and not n.endswith(".report.json")]
-        out += ["processing" for n in listdir(self.processing) if n.startswith(name + "__")]
-        out += ["inbox" for n in listdir(self.inbox) if n == name]
-        return out
-
-    def archived(self, job_id: str) -> list[str]:
-        return [n for n in listdir(self.archive) if n.startswith(job_id + ".")]
-
-
 def claim_latency(sp: SpoolView, name: str, since: float, timeout: float = 10) -> float:
     """Seconds from ``since`` until ``name`` left inbox/ (claimed)."""
-    assert helpers.wait_for(lambda: not sp.in_inbox(name), timeout, 0.005), f"{name} was not claimed"
+    assert tk.wait_for(lambda: not sp.in_inbox(name), timeout, 0.005), f"{name} was not claimed"
     return time.monotonic() - since
 
 
@@ -248,15 +86,15 @@ def speech_pieces(out_dir: Path, count: int, seconds: float = 1.6) -> list[Path]
     """``count`` short WAV cuts of the English clips (different audio, all real speech)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pieces: list[Path] = []
-    n = int(seconds * helpers.RATE)
+    n = int(seconds * tk.RATE)
     while len(pieces) < count:
-        for clip, _ in helpers.manifest_clips("en"):
-            pcm = helpers.decode_pcm16(clip)
-            lead, _trail = helpers.speech_bounds(pcm)
+        for clip, _ in tk.manifest_clips("en"):
+            pcm = tk.decode_pcm16(clip)
+            lead, _trail = tk.speech_bounds(pcm)
             for start in range(lead, len(pcm) - n, n):
                 if len(pieces) >= count:
                     return pieces
-                pieces.append(helpers.write_pcm16_wav(out_dir / f"piece-{len(pieces):03d}.wav", pcm[start:start + n]))
+                pieces.append(tk.write_pcm16_wav(out_dir / f"piece-{len(pieces):03d}.wav", pcm[start:start + n]))
     return pieces
 
 
@@ -268,13 +106,9 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def long_clip(stage: Path) -> Path:
     """~30 s of speech (three clips): one chunk that keeps a worker busy for seconds."""
-    clips = helpers.manifest_clips("en")[2:5]
-    pcm = np.concatenate([helpers.decode_pcm16(p) for p, _ in clips])
-    return helpers.write_pcm16_wav(stage / "long.wav", pcm)
-
-
-def log_has(node: Node, text: str, timeout: float) -> bool:
-    return helpers.wait_for(lambda: text in node.log_text(), timeout, 0.05)
+    clips = tk.manifest_clips("en")[2:5]
+    pcm = np.concatenate([tk.decode_pcm16(p) for p, _ in clips])
+    return tk.write_pcm16_wav(stage / "long.wav", pcm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,38 +124,38 @@ def solo(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, model_cache_
                    SMAPD_FORMATS="txt,srt,vtt,json")
     node = Node("solo", spool, root, env)
     try:
-        start(node)
-        yield node, SpoolView(spool)
+        node.launch()
+        yield node, SpoolView(spool, nodes=(node,))
     finally:
         kill_all(node)
 
 
 def test_drop_by_rename_is_claimed_within_a_second_and_gets_every_output(solo: tuple[Node, SpoolView]) -> None:
     """Inv. 1, 3: outputs txt/srt/vtt/json + report in outbox/, the original (byte-identical) in archive/."""
-    node, sp = solo
+    _node, sp = solo
     for d in ("inbox", "processing", "outbox", "archive", "failed", ".smapd"):
         assert (sp.root / d).is_dir(), f"the daemon did not create {d}/"
     t0 = sp.drop(CLIP, "talk.ogg")
     latency = claim_latency(sp, "talk.ogg", t0)
     assert latency < 1.0, f"claimed {latency:.2f} s after the rename into inbox/"
-    report = sp.transcribed("talk.ogg", nodes=(node,))
+    report = sp.transcribed("talk.ogg", CLIP_TEXT)
     assert report["outputs"] == {s: f"talk{s}" for s in (".txt", ".srt", ".vtt", ".json")}
     for s in (".txt", ".srt", ".vtt", ".json", ".report.json"):
         assert (sp.outbox / f"talk{s}").stat().st_size > 0
-    assert helpers.parse_srt((sp.outbox / "talk.srt").read_text()) and helpers.parse_vtt((sp.outbox / "talk.vtt").read_text())
+    assert tk.parse_srt((sp.outbox / "talk.srt").read_text()) and tk.parse_vtt((sp.outbox / "talk.vtt").read_text())
     json.loads((sp.outbox / "talk.json").read_bytes())
     job = report["job"]
     assert job["attempt"] == 1 and job["node"] == "solo" and job["output_stem"] == "talk"
     archived = sp.archive / f"{job['id']}.talk.ogg"
     assert archived.read_bytes() == CLIP.read_bytes()
-    assert helpers.wait_for(lambda: sp.locations("talk.ogg") == ["archive"], 5), sp.locations("talk.ogg")
+    assert tk.wait_for(lambda: sp.locations("talk.ogg") == ["archive"], 5), sp.locations("talk.ogg")
     assert not [n for n in listdir(sp.outbox) if n.startswith(".")], "temp files left in outbox/"
 
 
 def test_slow_in_place_write_is_not_claimed_before_the_writer_is_done(solo: tuple[Node, SpoolView]) -> None:
     """Inv. 8: a writer appending for ~4 s (pauses shorter than SETTLE) is never claimed early; after
     its close-write the file is claimed within a second, and the whole file is transcribed."""
-    node, sp = solo
+    _node, sp = solo
     data = CLIP.read_bytes()
     path = sp.inbox / "slow.ogg"
     pieces = 12
@@ -331,11 +165,11 @@ def test_slow_in_place_write_is_not_claimed_before_the_writer_is_done(solo: tupl
             f.write(data[i * step:(i + 1) * step])
             f.flush()
             # pace the writer (0.35 s < SETTLE) and watch for an early claim at the same time
-            assert not helpers.wait_for(lambda: not sp.in_inbox("slow.ogg"), 0.35, 0.01), \
+            assert not tk.wait_for(lambda: not sp.in_inbox("slow.ogg"), 0.35, 0.01), \
                 f"claimed after {i + 1}/{pieces} pieces, while still being written"
     closed = time.monotonic()
     assert claim_latency(sp, "slow.ogg", closed) < 1.0, "not claimed within 1 s of close-write"
-    report = sp.transcribed("slow.ogg", nodes=(node,))
+    report = sp.transcribed("slow.ogg", CLIP_TEXT)
     assert report["input"]["size"] == len(data)
 
 
@@ -346,29 +180,29 @@ IGNORED = [".hidden.ogg", "a.ogg.part", "b.ogg.partial", "c.ogg.tmp", "d.ogg.crd
 def test_temp_and_dot_names_are_never_claimed_and_the_final_rename_is(solo: tuple[Node, SpoolView]) -> None:
     """Inv. 8: names writers use while a file is incomplete are left alone, however long they sit
     there (complete audio, settled, close-written); renaming one to its final name is the ready signal."""
-    node, sp = solo
+    _node, sp = solo
     for name in IGNORED:
         shutil.copyfile(CLIP, sp.inbox / name)
-    assert not helpers.wait_for(lambda: set(IGNORED) - set(listdir(sp.inbox)), SETTLE + 2 * RESCAN + 1, 0.05), \
+    assert not tk.wait_for(lambda: set(IGNORED) - set(listdir(sp.inbox)), SETTLE + 2 * RESCAN + 1, 0.05), \
         f"claimed an ignored name: {set(IGNORED) - set(listdir(sp.inbox))}"
     assert not sp.claims()
     t0 = time.monotonic()
     os.rename(sp.inbox / "a.ogg.part", sp.inbox / "a.ogg")
     assert claim_latency(sp, "a.ogg", t0) < 1.0
-    sp.transcribed("a.ogg", nodes=(node,))
+    sp.transcribed("a.ogg", CLIP_TEXT)
     for name in set(IGNORED) - {"a.ogg.part"}:
         (sp.inbox / name).unlink()
 
 
 def test_writer_that_keeps_the_file_open_is_claimed_once_settled(solo: tuple[Node, SpoolView]) -> None:
     """Inv. 8: no close-write ever comes; the file is ready once size and mtime held for SETTLE."""
-    node, sp = solo
+    _node, sp = solo
     data = CLIP.read_bytes()
     f = open(sp.inbox / "open.ogg", "wb")  # noqa: SIM115 - held open on purpose
     try:
         f.write(data[: len(data) // 2])
         f.flush()
-        assert not helpers.wait_for(lambda: not sp.in_inbox("open.ogg"), 1.0, 0.01), "claimed mid-write"
+        assert not tk.wait_for(lambda: not sp.in_inbox("open.ogg"), 1.0, 0.01), "claimed mid-write"
         f.write(data[len(data) // 2:])
         f.flush()
         last = time.monotonic()
@@ -376,7 +210,7 @@ def test_writer_that_keeps_the_file_open_is_claimed_once_settled(solo: tuple[Nod
         assert SETTLE - 0.2 <= latency <= SETTLE + RESCAN + 2, latency
     finally:
         f.close()
-    report = sp.transcribed("open.ogg", nodes=(node,))
+    report = sp.transcribed("open.ogg", CLIP_TEXT)
     assert report["input"]["size"] == len(data)
 
 
@@ -384,7 +218,7 @@ def test_writes_no_inotify_event_reveals_are_found_by_the_rescan(solo: tuple[Nod
     """What NFS does to inotify, locally: the file is hard-linked into inbox/ (one create event, not
     "ready") and written through its other name, so inbox/'s watch sees no modify and no close-write.
     The rescan must not claim it while it grows and must find it within SETTLE + RESCAN once complete."""
-    node, sp = solo
+    _node, sp = solo
     data = CLIP.read_bytes()
     outside = sp.stage / "nfs-writer.ogg"
     with open(outside, "wb") as f:
@@ -392,21 +226,21 @@ def test_writes_no_inotify_event_reveals_are_found_by_the_rescan(solo: tuple[Nod
         for i in range(6):
             f.write(data[i * len(data) // 6:(i + 1) * len(data) // 6])
             f.flush()
-            assert not helpers.wait_for(lambda: not sp.in_inbox("remote.ogg"), 0.4, 0.01), "claimed mid-write"
+            assert not tk.wait_for(lambda: not sp.in_inbox("remote.ogg"), 0.4, 0.01), "claimed mid-write"
     done = time.monotonic()
     latency = claim_latency(sp, "remote.ogg", done, timeout=SETTLE + RESCAN + 5)
     # not before SETTLE: no close-write reached inbox/'s watch, so only the settle rule could make it ready
     assert SETTLE - 0.2 <= latency <= SETTLE + RESCAN + 1.5, latency
-    report = sp.transcribed("remote.ogg", nodes=(node,))
+    report = sp.transcribed("remote.ogg", CLIP_TEXT)
     assert report["input"]["size"] == len(data)
 
 
 def test_corrupt_file_lands_in_failed_with_a_one_sentence_report(solo: tuple[Node, SpoolView]) -> None:
     """Inv. 1, 2: the original in failed/<job>.<name>, one report saying why; nothing in outbox/."""
-    node, sp = solo
-    bad = helpers.write_random_bytes(sp.stage / "noise-src", seed=5)
+    _node, sp = solo
+    bad = tk.write_random_bytes(sp.stage / "noise-src", seed=5)
     sp.drop(bad, "broken.mp3")
-    where, report = sp.wait_report("broken.mp3", nodes=(node,))
+    where, report, _ = sp.outcome("broken.mp3")
     assert where == "failed" and report["outcome"] == "failed"
     error = report["error"]
     assert error and "\n" not in error and "Traceback" not in error and len(error) < 300, error
@@ -441,7 +275,7 @@ def test_non_regular_entries_are_refused_never_followed_and_never_block(solo: tu
         make(sp.inbox / name)
     sp.drop(CLIP, "after-fifo.ogg")  # a FIFO opened for reading would block the daemon here
     for name, (kind, _) in entries.items():
-        where, report = sp.wait_report(name, timeout=20, nodes=(node,))
+        where, report, _ = sp.outcome(name, timeout=20)
         assert where == "failed" and kind in report["error"] and "never follows" in report["error"], report
         moved = [n for n in listdir(sp.failed) if n.endswith("." + name)]
         assert len(moved) == 1, moved
@@ -452,7 +286,7 @@ def test_non_regular_entries_are_refused_never_followed_and_never_block(solo: tu
             import stat as _stat
 
             assert _stat.S_ISFIFO(st.st_mode)
-    sp.transcribed("after-fifo.ogg", nodes=(node,))
+    sp.transcribed("after-fifo.ogg", CLIP_TEXT)
     assert target_file.read_bytes() == CLIP.read_bytes() and (target_dir / "inside.ogg").exists()
     assert not [n for n in listdir(sp.outbox) if n.startswith(("link", "dangling", "pipe", "subdir"))]
     shadow_hint = "root:"  # /etc/shadow's first line; it must never be read into a report
@@ -470,12 +304,12 @@ ODD_NAMES = [
 
 
 def test_odd_names_get_outputs_and_keep_the_original_name_in_archive(solo: tuple[Node, SpoolView]) -> None:
-    node, sp = solo
+    _node, sp = solo
     assert len(os.fsencode(ODD_NAMES[-1])) == 255
     for name in ODD_NAMES:
         sp.drop(CLIP, name)
     for name in ODD_NAMES:
-        report = sp.transcribed(name, nodes=(node,), timeout=90)
+        report = sp.transcribed(name, CLIP_TEXT, timeout=90)
         job = report["job"]
         for suffix, out in report["outputs"].items():
             assert (sp.outbox / out).is_file() and "\n" not in out, (name, suffix, out)
@@ -491,15 +325,15 @@ def test_name_collisions_never_overwrite_and_the_report_records_the_mapping(solo
                                                                              stage: Path) -> None:
     """talk.mp3 and talk.wav, and talk.mp3 dropped twice more: three stems, every output kept."""
     node, sp = solo
-    wav = helpers.write_speech_variant(CLIP, stage / "coll.wav")
-    mp3 = helpers.encode_audio(CLIP, stage / "coll.mp3", "libmp3lame")
+    wav = tk.write_speech_variant(CLIP, stage / "coll.wav")
+    mp3 = tk.encode_audio(CLIP, stage / "coll.mp3", "libmp3lame")
     sp.drop(mp3, "dup.mp3")
     sp.drop(wav, "dup.wav")
-    first = sp.transcribed("dup.mp3", nodes=(node,))
-    sp.transcribed("dup.wav", nodes=(node,))
+    first = sp.transcribed("dup.mp3", CLIP_TEXT)
+    sp.transcribed("dup.wav", CLIP_TEXT)
     sp.drop(mp3, "dup.mp3")  # the same name again, after the first one finished
-    assert helpers.wait_for(lambda: len(sp.reports_for("dup.mp3")) == 2, 60), node.log_text()[-2000:]
-    assert helpers.wait_for(lambda: len([n for n in listdir(sp.archive) if n.endswith(".dup.mp3")]) == 2, 10)
+    assert tk.wait_for(lambda: len(sp.reports_for("dup.mp3")) == 2, 60), node.log_text()[-2000:]
+    assert tk.wait_for(lambda: len([n for n in listdir(sp.archive) if n.endswith(".dup.mp3")]) == 2, 10)
     reports = [r for _, r in sp.reports_for("dup.mp3")] + [r for _, r in sp.reports_for("dup.wav")]
     assert all(r["outcome"] == "success" for r in reports)
     stems = sorted(r["job"]["output_stem"] for r in reports)
@@ -523,17 +357,17 @@ def test_status_shows_waiting_in_progress_failures_and_nodes_and_two_jobs_share_
     (never jobs x workers); `smapd status --json` shows the third file waiting, both jobs with node and
     chunk progress, a recent failure, and the node's heartbeat age."""
     node, sp = solo
-    sp.drop(helpers.write_text_as(sp.stage / "list.txt"), "status-bad.wav")
-    assert sp.wait_report("status-bad.wav", nodes=(node,))[0] == "failed"
-    workers = signal_workers(node, signal.SIGSTOP, expect=2)  # hold every chunk: the jobs stay in flight
+    sp.drop(tk.write_text_as(sp.stage / "list.txt"), "status-bad.wav")
+    assert sp.outcome("status-bad.wav").where == "failed"
+    workers = node.signal_workers(signal.SIGSTOP, expect=2)  # hold every chunk: the jobs stay in flight
     try:
         for name in ("st-a.wav", "st-b.wav", "st-c.wav"):
             sp.drop(long_clip, name)
-        assert helpers.wait_for(lambda: len(sp.claims()) == 2, 10), sp.claims()
+        assert tk.wait_for(lambda: len(sp.claims()) == 2, 10), sp.claims()
 
         def status() -> dict[str, Any]:
             out = subprocess.run([sys.executable, "-m", "smapd.cli", "status", "--json", "--spool", str(sp.root)],
-                                 env=node.env, capture_output=True, text=True, timeout=60, cwd=REPO, check=True)
+                                 env=node.env, capture_output=True, text=True, timeout=60, cwd=tk.REPO, check=True)
             return json.loads(out.stdout)
 
         seen: list[dict[str, Any]] = []
@@ -543,7 +377,7 @@ def test_status_shows_waiting_in_progress_failures_and_nodes_and_two_jobs_share_
             jobs = [j for n in seen[0]["nodes"] if n["node"] == "solo" for j in n.get("jobs", [])]
             return len(jobs) == 2 and all(j["chunks_total"] >= 1 for j in jobs)
 
-        assert helpers.wait_for(progress_reported, 20, 0.5), seen
+        assert tk.wait_for(progress_reported, 20, 0.5), seen
         st = seen[0]
         assert [w["name"] for w in st["waiting"]] == ["st-c.wav"]
         assert sorted(c["name"] for c in st["processing"]) == ["st-a.wav", "st-b.wav"]
@@ -554,17 +388,17 @@ def test_status_shows_waiting_in_progress_failures_and_nodes_and_two_jobs_share_
         assert 0 <= me["age"] < 5 and me["pid"] == node.pid
         assert all(j["chunks_done"] == 0 and j["chunks_total"] >= 1 for j in me["jobs"]), me["jobs"]
         assert any(f["name"] == "status-bad.wav" and f["error"] for f in st["failures"])
-        alive = [w for w in node.workers() if helpers.pid_alive(w)]
+        alive = [w for w in node.workers() if tk.pid_alive(w)]
         assert sorted(alive) == sorted(workers), f"jobs x workers processes: {alive} (pool had {workers})"
         text = subprocess.run([sys.executable, "-m", "smapd.cli", "status", "--spool", str(sp.root)], env=node.env,
-                              capture_output=True, text=True, timeout=60, cwd=REPO, check=True).stdout
+                              capture_output=True, text=True, timeout=60, cwd=tk.REPO, check=True).stdout
         assert "waiting: 1" in text and "in progress: 2" in text and "node solo" in text, text
     finally:
         for w in workers:
-            with _ignore():
+            with contextlib.suppress(OSError):
                 os.killpg(w, signal.SIGCONT)
     for name in ("st-a.wav", "st-b.wav", "st-c.wav"):
-        sp.transcribed(name, timeout=120, nodes=(node,), reference=None)
+        sp.transcribed(name, timeout=120)
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,13 +414,13 @@ class Cluster:
         skew_dir.mkdir()
         (skew_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
         base = make_env(model_cache_dir, SMAPD_LEASE_SECONDS="10")
-        skewed = {"PYTHONPATH": f"{skew_dir}{os.pathsep}{REPO}"}
+        skewed = {"PYTHONPATH": f"{skew_dir}{os.pathsep}{tk.REPO}"}
         self.c1 = Node("c1", spool, root, base)
         self.c2 = Node("c2", spool, root, dict(base, **skewed, SMAPD_TEST_CLOCK_SKEW=str(SKEW)))
         self.c3 = Node("c3", spool, root, dict(base, **skewed, SMAPD_TEST_CLOCK_SKEW=str(-SKEW),
                                                 SMAPD_WATCH="polling"))
         self.nodes = (self.c1, self.c2, self.c3)
-        self.sp = SpoolView(spool)
+        self.sp = SpoolView(spool, nodes=self.nodes)
         self.lease = 10.0
 
     def ensure_running(self) -> None:
@@ -658,7 +492,7 @@ def test_claim_race_three_nodes_every_file_transcribed_exactly_once(cluster: Clu
     try:
         for src, name in zip(pieces, names):
             sp.drop(src, name)
-        done = helpers.wait_for(lambda: len([r for r in sp.reports() if input_name(r[1]).startswith("race-")])
+        done = tk.wait_for(lambda: len([r for r in sp.reports() if input_name(r[1]).startswith("race-")])
                                 >= RACE_FILES, 240, 0.5)
     finally:
         stop.set()
@@ -675,8 +509,9 @@ def test_claim_race_three_nodes_every_file_transcribed_exactly_once(cluster: Clu
     ids = [r["job"]["id"] for _, r in reports]
     assert len(set(ids)) == RACE_FILES
     assert all(r["job"]["attempt"] == 1 for _, r in reports), "a live claim was taken over"
-    assert helpers.wait_for(lambda: not [n for n in sp.claims()] and not [n for n in listdir(sp.inbox)], 10)
+    assert tk.wait_for(lambda: not [n for n in sp.claims()] and not [n for n in listdir(sp.inbox)], 10)
     assert all(sp.locations(n) == ["archive"] for n in names)
+    tk.assert_invariants(sp, names, complete=False, max_attempts=1)
     workers = {r["job"]["node"] for _, r in reports}
     assert len(workers) >= 2, f"only {workers} worked"
     for n in cluster.nodes:
@@ -695,7 +530,7 @@ def test_a_polling_only_node_finds_files_within_settle_and_rescan(cluster: Clust
         latency = claim_latency(sp, "polled.ogg", t0, timeout=SETTLE + RESCAN + 5)
         assert latency <= SETTLE + RESCAN + 1.5, latency
         assert any("__c3_" in n for n in sp.claims()) or sp.reports_for("polled.ogg")
-        report = sp.transcribed("polled.ogg", nodes=(c3,))
+        report = sp.transcribed("polled.ogg", CLIP_TEXT)
         assert report["job"]["node"] == "c3"
     finally:
         cluster.resume(c1, c2)
@@ -708,22 +543,22 @@ def test_skewed_clocks_neither_steal_live_claims_nor_miss_stale_ones(cluster: Cl
     cluster.ensure_running()
     c1, c2, c3, sp = cluster.c1, cluster.c2, cluster.c3, cluster.sp
     cluster.pause(c2, c3)
-    signal_workers(c1, signal.SIGSTOP)
+    c1.signal_workers(signal.SIGSTOP)
     sp.drop(CLIP, "skew.ogg")
-    assert helpers.wait_for(lambda: any("__c1_" in n for n in sp.claims()), 10), sp.claims()
+    assert tk.wait_for(lambda: any("__c1_" in n for n in sp.claims()), 10), sp.claims()
     cluster.resume(c2)  # its clock says every lease is 10 minutes old
-    assert not helpers.wait_for(lambda: not any("__c1_" in n and "_a1_" in n for n in sp.claims()),
+    assert not tk.wait_for(lambda: not any("__c1_" in n and "_a1_" in n for n in sp.claims()),
                                 cluster.lease + 5, 0.1), f"c2 stole a live claim: {sp.claims()}"
     cluster.pause(c2)
     kill_all(c1)
     killed = time.monotonic()
     cluster.resume(c3)  # its clock says every lease is 10 minutes younger than it is
-    assert helpers.wait_for(lambda: any("__c3_" in n for n in sp.claims()) or sp.reports_for("skew.ogg"),
+    assert tk.wait_for(lambda: any("__c3_" in n for n in sp.claims()) or sp.reports_for("skew.ogg"),
                             cluster.lease + 20, 0.05), f"c3 never took the stale claim: {sp.claims()}\n" \
         + c3.log_text()[-2000:]
     took = time.monotonic() - killed
     assert took >= cluster.lease / 2, f"taken over {took:.1f} s after the owner died: before the lease ran out"
-    report = sp.transcribed("skew.ogg", timeout=60, nodes=(c3,))
+    report = sp.transcribed("skew.ogg", CLIP_TEXT, timeout=60)
     assert report["job"]["attempt"] == 2 and report["job"]["node"] == "c3"
     assert [a["node"] for a in report["job"]["attempts"]] == ["c1", "c3"]
     cluster.ensure_running()
@@ -734,12 +569,12 @@ def test_kill9_mid_job_another_node_finishes_it_as_attempt_2(cluster: Cluster) -
     cluster.ensure_running()
     c1, c2, c3, sp = cluster.c1, cluster.c2, cluster.c3, cluster.sp
     cluster.pause(c2, c3)
-    signal_workers(c1, signal.SIGSTOP)
+    c1.signal_workers(signal.SIGSTOP)
     sp.drop(CLIP, "crash.ogg")
-    assert helpers.wait_for(lambda: any("__c1_" in n for n in sp.claims()), 10), (sp.claims(), c1.log_text()[-2000:])
+    assert tk.wait_for(lambda: any("__c1_" in n for n in sp.claims()), 10), (sp.claims(), c1.log_text()[-2000:])
     kill_all(c1)
     cluster.resume(c2, c3)
-    report = sp.transcribed("crash.ogg", timeout=cluster.lease + 40, nodes=(c2, c3))
+    report = sp.transcribed("crash.ogg", CLIP_TEXT, timeout=cluster.lease + 40)
     assert report["job"]["attempt"] == 2 and report["job"]["node"] in ("c2", "c3")
     assert len(report["job"]["attempts"]) == 2 and report["job"]["attempts"][0]["node"] == "c1"
     assert sp.locations("crash.ogg") == ["archive"]
@@ -748,29 +583,43 @@ def test_kill9_mid_job_another_node_finishes_it_as_attempt_2(cluster: Cluster) -
 
 def test_a_node_stopped_past_its_lease_is_taken_over_and_publishes_nothing(cluster: Cluster) -> None:
     """Inv. 6: c1 is SIGSTOPped mid-job for longer than the lease; c2 takes the claim over and finishes;
-    c1, woken, notices and publishes nothing: exactly one report, one archived original."""
+    c1, woken, finishes its chunk, notices and publishes nothing. Both attempts share the job id and so
+    the output stem: after c1's job has ended (its heartbeat in the spool lists it no more), the report
+    must still be c2's attempt 2, byte for byte, and no output may have been rewritten."""
     cluster.ensure_running()
     c1, c2, c3, sp = cluster.c1, cluster.c2, cluster.c3, cluster.sp
     cluster.pause(c2, c3)
-    workers = signal_workers(c1, signal.SIGSTOP)
+    workers = c1.signal_workers(signal.SIGSTOP)
     sp.drop(CLIP, "sleeper.ogg")
-    assert helpers.wait_for(lambda: any("__c1_" in n for n in sp.claims()), 10)
+    assert tk.wait_for(lambda: "sleeper.ogg" in sp.claims_of("c1"), 10), sp.claims()
     cluster.pause(c1)
     cluster.resume(c2)
-    report = sp.transcribed("sleeper.ogg", timeout=cluster.lease + 40, nodes=(c2,))
-    assert report["job"]["attempt"] == 2 and report["job"]["node"] == "c2"
+    report = sp.transcribed("sleeper.ogg", CLIP_TEXT, timeout=cluster.lease + 40)
+    job = report["job"]
+    assert job["attempt"] == 2 and job["node"] == "c2"
+    published = {n: ((sp.outbox / n).read_bytes(), (sp.outbox / n).stat().st_mtime_ns)
+                 for n in [*report["outputs"].values(), f"{job['output_stem']}.report.json"]}
+
+    woken = time.time()
     cluster.resume(c1)
     for w in workers:
         os.killpg(w, signal.SIGCONT)  # c1's chunk completes now: c1 must still publish nothing
-    assert helpers.wait_for(lambda: any("sleeper.ogg" in ln and ("publish nothing" in ln or "publishing nothing" in ln)
-                                        for ln in c1.log_text().splitlines()), 20), c1.log_text()[-2000:]
-    assert helpers.wait_for(lambda: not sp.claims(), 10), sp.claims()
-    assert len(sp.reports_for("sleeper.ogg")) == 1
-    assert len(sp.archived(report["job"]["id"])) == 1
-    assert not [n for n in listdir(sp.outbox) if n.startswith("sleeper.2")]
-    assert "published" not in "\n".join(ln for ln in c1.log_text().splitlines() if "sleeper.ogg" in ln)
-    cluster.resume(c3)
+
+    def c1_job_ended() -> bool:
+        status = sp.node_status("c1")  # rewritten every second, after c1 woke
+        return bool(status and status["mtime"] > woken + 1
+                    and not [j for j in status.get("jobs", []) if j.get("job_id") == job["id"]])
+
+    assert tk.wait_for(c1_job_ended, 60, 0.2), (sp.node_status("c1"), c1.log_text()[-2000:])
     assert c1.alive(), "c1 died after losing its claim"
+    now = {n: ((sp.outbox / n).read_bytes(), (sp.outbox / n).stat().st_mtime_ns) for n in published}
+    assert now == published, "c1 rewrote outputs of the job it had lost: " + \
+        str([n for n in published if now[n] != published[n]])
+    (where, final), = sp.reports_for("sleeper.ogg")
+    assert where == "outbox" and (final["job"]["node"], final["job"]["attempt"]) == ("c2", 2), final["job"]
+    assert not [n for n in listdir(sp.outbox) if n.startswith("sleeper.2")], "c1 published under a new stem"
+    tk.assert_invariants(sp, ["sleeper.ogg"], complete=False, seen={job["id"]: tk.Seen(2, "c2")})
+    cluster.resume(c3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -787,29 +636,29 @@ def test_a_job_killed_in_every_attempt_ends_in_failed_after_max_attempts(tmp_pat
     env = make_env(model_cache_dir, SMAPD_LEASE_SECONDS="120", SMAPD_MAX_ATTEMPTS="3")
     node = Node("phoenix", tmp_path / "spool", tmp_path, env)
     try:
-        start(node)
-        sp = SpoolView(tmp_path / "spool")
+        node.launch()
+        sp = SpoolView(tmp_path / "spool", nodes=(node,))
         sp.drop(long_clip, "poison.wav")
         for attempt in (1, 2, 3):
             t_life = time.monotonic()
             if attempt > 1:
-                start(node)
-            assert log_has(node, "poison.wav: job", 30) and helpers.wait_for(
+                node.launch()
+            assert node.log_has("poison.wav: job", 30) and tk.wait_for(
                 lambda a=attempt: f"(attempt {a}, node phoenix)" in node.log_text(), 60, 0.02), node.log_text()[-2000:]
             if attempt > 1:
                 assert time.monotonic() - t_life < 60, "own dead claim not recovered at once"
-            assert helpers.wait_for(lambda: "Transcribing chunk" in node.log_text().rsplit("(attempt", 1)[-1], 30, 0.02)
-            workers = [w for w in node.workers() if helpers.pid_alive(w)]
+            assert tk.wait_for(lambda: "Transcribing chunk" in node.log_text().rsplit("(attempt", 1)[-1], 30, 0.02)
+            workers = [w for w in node.workers() if tk.pid_alive(w)]
             assert workers
             if attempt == 1:
                 node.proc.send_signal(signal.SIGKILL)  # the daemon only: its workers become orphans
                 node.proc.wait()
-                assert all(helpers.wait_gone(w, 30) for w in workers), "orphaned workers kept running"
+                assert all(tk.wait_gone(w, 30) for w in workers), "orphaned workers kept running"
             else:
                 kill_all(node)
             assert [n for n in sp.claims() if f"_a{attempt}_" in n], sp.claims()
-        start(node)  # finds attempt 3 dead: gives up
-        where, report = sp.wait_report("poison.wav", timeout=30, nodes=(node,))
+        node.launch()  # finds attempt 3 dead: gives up
+        where, report, _ = sp.outcome("poison.wav", timeout=30)
         assert where == "failed" and report["outcome"] == "failed"
         assert "gave up after 3 attempts" in report["error"], report["error"]
         attempts = report["job"]["attempts"]
@@ -819,7 +668,7 @@ def test_a_job_killed_in_every_attempt_ends_in_failed_after_max_attempts(tmp_pat
         assert len(sp.reports_for("poison.wav")) == 1
         # the node is healthy after giving up, and the next file goes through
         sp.drop(CLIP, "next.ogg")
-        sp.transcribed("next.ogg", nodes=(node,))
+        sp.transcribed("next.ogg", CLIP_TEXT)
     finally:
         kill_all(node)
 
@@ -827,40 +676,6 @@ def test_a_job_killed_in_every_attempt_ends_in_failed_after_max_attempts(tmp_pat
 # --------------------------------------------------------------------------------------------
 # systemd notifications, SIGHUP, SIGTERM
 # --------------------------------------------------------------------------------------------
-
-
-class NotifySocket:
-    """A unix datagram socket set as NOTIFY_SOCKET; records (monotonic time, message, inbox listing)."""
-
-    def __init__(self, path: Path, inbox: Path) -> None:
-        self.path, self.inbox = path, inbox
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, str, list[str]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="notify-socket")
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            listing = sorted(os.listdir(self.inbox)) if self.inbox.is_dir() else []
-            for line in data.decode(errors="replace").splitlines():
-                self.messages.append((time.monotonic(), line, listing))
-
-    def lines(self, prefix: str = "", since: float = 0.0) -> list[str]:
-        return [m for t, m, _ in list(self.messages) if m.startswith(prefix) and t >= since]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 def test_sdnotify_reload_and_sigterm_finishing_within_the_grace(tmp_path: Path, model_dir: Path,
@@ -882,44 +697,44 @@ def test_sdnotify_reload_and_sigterm_finishing_within_the_grace(tmp_path: Path, 
     del env["SMAPD_FORMATS"]  # from the config file
     node = Node("notify", spool, tmp_path, env)
     try:
-        start(node)
-        sp = SpoolView(spool)
-        assert helpers.wait_for(lambda: notify.lines("READY=1"), 10), notify.messages
-        ready = next(m for m in notify.messages if m[1] == "READY=1")
-        assert "early.ogg" not in ready[2], "READY=1 before the first scan claimed the waiting file"
-        report = sp.transcribed("early.ogg", nodes=(node,))
+        node.launch()
+        sp = SpoolView(spool, nodes=(node,))
+        assert tk.wait_for(lambda: notify.lines("READY=1"), 10), notify.messages
+        ready = next(m for m in notify.messages if m.line == "READY=1")
+        assert "early.ogg" not in ready.inbox, "READY=1 before the first scan claimed the waiting file"
+        report = sp.transcribed("early.ogg", CLIP_TEXT)
         assert set(report["outputs"]) == {".txt", ".srt", ".vtt", ".json"}
         t = time.monotonic()
-        assert helpers.wait_for(lambda: len(notify.lines("WATCHDOG=1", since=t)) >= 3, 8), notify.messages[-10:]
+        assert tk.wait_for(lambda: len(notify.lines("WATCHDOG=1", since=t)) >= 3, 8), notify.messages[-10:]
         assert notify.lines("STATUS="), notify.messages
         assert any("early.ogg" in s for s in notify.lines("STATUS=")), notify.lines("STATUS=")
-        assert helpers.wait_for(lambda: any(s.startswith("STATUS=idle") for s in notify.lines("STATUS=")), 5)
+        assert tk.wait_for(lambda: any(s.startswith("STATUS=idle") for s in notify.lines("STATUS=")), 5)
 
         config.write_text("SMAPD_FORMATS=txt\nSMAPD_WORKER_MAX_CHUNKS=7\n")
         t_hup = time.monotonic()
         node.proc.send_signal(signal.SIGHUP)
-        assert helpers.wait_for(lambda: "READY=1" in notify.lines(since=t_hup), 10), notify.messages[-10:]
+        assert tk.wait_for(lambda: "READY=1" in notify.lines(since=t_hup), 10), notify.messages[-10:]
         after = notify.lines(since=t_hup)
         assert after.index("RELOADING=1") < after.index("READY=1"), after
-        assert log_has(node, "worker_max_chunks changed but needs a restart", 5), node.log_text()[-1500:]
+        assert node.log_has("worker_max_chunks changed but needs a restart", 5), node.log_text()[-1500:]
         assert "reloaded configuration: formats=txt" in node.log_text()
         sp.drop(CLIP, "after-hup.ogg")
-        report = sp.transcribed("after-hup.ogg", nodes=(node,))
+        report = sp.transcribed("after-hup.ogg", CLIP_TEXT)
         assert report["outputs"] == {".txt": "after-hup.txt"}
         assert sorted(n for n in listdir(sp.outbox) if n.startswith("after-hup")) == \
             ["after-hup.report.json", "after-hup.txt"]
 
         sp.drop(long_clip, "stopping.wav")
-        assert log_has(node, "Transcribing chunk 1", 10) and helpers.wait_for(
+        assert node.log_has("Transcribing chunk 1", 10) and tk.wait_for(
             lambda: "stopping.wav: job" in node.log_text(), 10)
         t_term = time.monotonic()
         node.proc.send_signal(signal.SIGTERM)
-        assert log_has(node, "stopping: no new claims", 5)
+        assert node.log_has("stopping: no new claims", 5)
         sp.drop(CLIP, "too-late.ogg")  # must not be claimed once stopping
         assert node.proc.wait(timeout=45) == 0, node.log_text()[-2000:]
         assert time.monotonic() - t_term < 40 + 5
         assert "STOPPING=1" in notify.lines(since=t_term)
-        sp.transcribed("stopping.wav", reference=None, timeout=1)
+        sp.transcribed("stopping.wav", timeout=1)
         assert sp.in_inbox("too-late.ogg") and not sp.claims()
     finally:
         kill_all(node)
@@ -935,40 +750,40 @@ def test_sigterm_hands_an_unfinished_job_back_and_a_second_signal_exits_at_once(
     env = make_env(model_cache_dir, SMAPD_SHUTDOWN_GRACE_SECONDS=str(grace), SMAPD_LEASE_SECONDS="120")
     node = Node("term", tmp_path / "spool", tmp_path, env)
     try:
-        start(node)
-        sp = SpoolView(tmp_path / "spool")
-        workers = signal_workers(node, signal.SIGSTOP)  # the job cannot progress
+        node.launch()
+        sp = SpoolView(tmp_path / "spool", nodes=(node,))
+        workers = node.signal_workers(signal.SIGSTOP)  # the job cannot progress
         sp.drop(CLIP, "handback.ogg")
-        assert helpers.wait_for(lambda: len(sp.claims()) == 1, 10)
+        assert tk.wait_for(lambda: len(sp.claims()) == 1, 10)
         t0 = time.monotonic()
         node.proc.send_signal(signal.SIGTERM)
         assert node.proc.wait(timeout=grace + 15) == 0, node.log_text()[-2000:]
         assert time.monotonic() - t0 < grace + 10
         assert sp.in_inbox("handback.ogg") and not sp.claims(), (listdir(sp.inbox), sp.claims())
         assert (sp.inbox / "handback.ogg").read_bytes() == CLIP.read_bytes()
-        assert all(helpers.wait_gone(w, 10) for w in workers), "workers left running after exit"
+        assert all(tk.wait_gone(w, 10) for w in workers), "workers left running after exit"
 
-        start(node)  # takes the handed-back file as a fresh claim: attempt 1
-        report = sp.transcribed("handback.ogg", nodes=(node,))
+        node.launch()  # takes the handed-back file as a fresh claim: attempt 1
+        report = sp.transcribed("handback.ogg", CLIP_TEXT)
         assert report["job"]["attempt"] == 1 and len(report["job"]["attempts"]) == 1
 
-        workers = signal_workers(node, signal.SIGSTOP)
+        workers = node.signal_workers(signal.SIGSTOP)
         sp.drop(CLIP, "twice.ogg")
-        assert helpers.wait_for(lambda: len(sp.claims()) == 1, 10)
+        assert tk.wait_for(lambda: len(sp.claims()) == 1, 10)
         claim = sp.claims()[0]
         node.proc.send_signal(signal.SIGTERM)
         # two signals sent at once could merge into one: wait until the first one is being handled
-        assert helpers.wait_for(lambda: "stopping: no new claims" in node.life_log(), 5, 0.02)
+        assert tk.wait_for(lambda: "stopping: no new claims" in node.life_log(), 5, 0.02)
         t0 = time.monotonic()
         node.proc.send_signal(signal.SIGTERM)
         node.proc.wait(timeout=5)
         assert time.monotonic() - t0 < 2, "the second signal did not exit at once"
         assert sp.claims() == [claim], "the claim must stay in processing/ for recovery"
         for w in workers:  # stopped workers of the dead daemon: terminated, but a stopped process waits
-            with _ignore():
+            with contextlib.suppress(OSError):
                 os.killpg(w, signal.SIGKILL)
-        start(node)
-        report = sp.transcribed("twice.ogg", nodes=(node,))
+        node.launch()
+        report = sp.transcribed("twice.ogg", CLIP_TEXT)
         assert report["job"]["attempt"] == 2
     finally:
         kill_all(node)

@@ -6,16 +6,15 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import helpers
+import testkit as tk
 from smapd.engine import DecodeOptions, EngineSpec
 from smapd.models import Chunk, ChunkStatus
 from smapd.pool import Pool
-from test_transcribe import smapd
+from testkit import smapd
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +22,16 @@ pytestmark = pytest.mark.slow
 def test_hung_command_engine_is_killed_retried_and_reported(tmp_path, tools_dir, data_dir, model_cache_dir):
     """A chunk that hangs is killed within CHUNK_TIMEOUT + 5 s (with its children), retried, reported."""
     pids = tmp_path / "pids"
-    env = dict(os.environ, SMAPD_ENGINE="command", SMAPD_COMMAND=f"{tools_dir / 'sleepy-engine'} -f {{input}}",
-               CHUNK_TIMEOUT="3", SMAPD_CHUNK_RETRIES="1", SLEEPY_PID_FILE=str(pids), SMAPD_LANGUAGE="en",
-               SMAPD_MODEL_CACHE=str(model_cache_dir), MAX_PARALLEL_WORKERS="1")
+    env = tk.smapd_env(model_cache_dir, SMAPD_ENGINE="command", SMAPD_COMMAND=f"{tools_dir / 'sleepy-engine'} -f {{input}}",
+                       CHUNK_TIMEOUT="3", SMAPD_CHUNK_RETRIES="1", SLEEPY_PID_FILE=str(pids), SMAPD_LANGUAGE="en",
+                       MAX_PARALLEL_WORKERS="1")
     out = tmp_path / "out"
     started = time.monotonic()
     proc = smapd("transcribe", str(data_dir / "fleurs-en-003.ogg"), "-o", str(out), env=env)
     elapsed = time.monotonic() - started
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert elapsed < 2 * (3 + 5) + 10, f"two attempts took {elapsed:.1f} s"
-    report = helpers.load_json(out / "fleurs-en-003.report.json")
+    report = tk.load_json(out / "fleurs-en-003.report.json")
     chunk = report["chunks"][0]
     assert chunk["status"] == "failed" and chunk["attempts"] == 2
     assert "CHUNK_TIMEOUT=3" in chunk["error"] and "killed" in chunk["error"]
@@ -42,38 +41,41 @@ def test_hung_command_engine_is_killed_retried_and_reported(tmp_path, tools_dir,
     started_pids = [int(p) for line in lines if line for p in line.split()]
     assert len(started_pids) == 4, "two attempts, each a shell and its sleeping child"
     for pid in started_pids:
-        assert helpers.wait_gone(pid, 5), f"process {pid} of the hung engine survived the kill"
+        assert tk.wait_gone(pid, 5), f"process {pid} of the hung engine survived the kill"
 
 
 def test_command_engine_with_pocketsphinx(tmp_path, sphinx_transcribe, data_dir, model_cache_dir):
     clip = data_dir / "librispeech-2412-153948-0000.flac"
-    ref = next(r["reference_text"] for r in helpers.read_manifest() if r["file"] == clip.name)
-    env = dict(os.environ, SMAPD_ENGINE="command", SMAPD_LANGUAGE="en", SMAPD_MODEL_CACHE=str(model_cache_dir),
-               SMAPD_MODEL="/usr/share/pocketsphinx/model/en-us/en-us",
-               SMAPD_COMMAND=f"{sphinx_transcribe} -m {{model}} -f {{input}} -otxt -of {{output_base}}")
+    ref = next(r["reference_text"] for r in tk.read_manifest() if r["file"] == clip.name)
+    env = tk.smapd_env(model_cache_dir, SMAPD_ENGINE="command", SMAPD_LANGUAGE="en",
+                       SMAPD_MODEL="/usr/share/pocketsphinx/model/en-us/en-us",
+                       SMAPD_COMMAND=f"{sphinx_transcribe} -m {{model}} -f {{input}} -otxt -of {{output_base}}")
     out = tmp_path / "out"
     proc = smapd("transcribe", str(clip), "-o", str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = (out / f"{clip.stem}.txt").read_text()
-    assert helpers.wer(ref, text) < 0.6, text  # pocketsphinx is far weaker than Whisper, but real
-    report = helpers.load_json(out / f"{clip.stem}.report.json")
+    assert tk.wer(ref, text) < 0.6, text  # pocketsphinx is far weaker than Whisper, but real
+    report = tk.load_json(out / f"{clip.stem}.report.json")
     assert report["engine"]["name"] == "command" and report["outcome"] == "success"
-    assert helpers.parse_srt((out / f"{clip.stem}.srt").read_text())
+    assert tk.parse_srt((out / f"{clip.stem}.srt").read_text())
 
 
-def test_crashing_command_engine_gives_partial_failure(tmp_path, tools_dir, data_dir, model_cache_dir):
-    env = dict(os.environ, SMAPD_ENGINE="command", SMAPD_COMMAND=str(tools_dir / "crashy-engine"),
-               SMAPD_LANGUAGE="en", SMAPD_MODEL_CACHE=str(model_cache_dir), SMAPD_CHUNK_RETRIES="0")
+def test_crashing_command_engine_fails_the_file_and_names_the_signal(tmp_path, tools_dir, data_dir, model_cache_dir):
+    """The one chunk of a short clip dies of SIGSEGV: no chunk transcribed is a failure (exit 1), not a
+    partial; the report names the signal. (A real partial job is tested in test_transcribe.py.)"""
+    env = tk.smapd_env(model_cache_dir, SMAPD_ENGINE="command", SMAPD_COMMAND=str(tools_dir / "crashy-engine"),
+                       SMAPD_LANGUAGE="en", SMAPD_CHUNK_RETRIES="0")
     out = tmp_path / "out"
     proc = smapd("transcribe", str(data_dir / "fleurs-en-003.ogg"), "-o", str(out), env=env)
-    assert proc.returncode == 1
-    report = helpers.load_json(out / "fleurs-en-003.report.json")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = tk.load_json(out / "fleurs-en-003.report.json")
+    assert report["outcome"] == "failed" and len(report["chunks"]) == 1, report
     assert "SIGSEGV" in report["chunks"][0]["error"] or "signal 11" in report["chunks"][0]["error"], report
 
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
-    pcm = helpers.decode_pcm16(helpers.DATA_DIR / "librispeech-1320-122617-0001.flac")
+    pcm = tk.decode_pcm16(tk.DATA_DIR / "librispeech-1320-122617-0001.flac")
     return pcm.astype(np.float32) / 32768.0
 
 
@@ -92,8 +94,8 @@ def test_killed_worker_is_replaced_and_chunk_retried(model_dir, speech):
         result = fut.result(timeout=120)
         assert result.status is ChunkStatus.OK and result.attempts == 2, result
         assert "thought" in " ".join(s.text for s in result.segments).lower() or result.chars > 50
-        assert slot.pid != first_pid and helpers.pid_alive(slot.pid)
-    assert not helpers.pid_alive(first_pid)
+        assert slot.pid != first_pid and tk.pid_alive(slot.pid)
+    assert not tk.pid_alive(first_pid)
 
 
 def test_worker_timeout_kills_the_process(model_dir, speech):
@@ -107,7 +109,7 @@ def test_worker_timeout_kills_the_process(model_dir, speech):
         result = pool.transcribe("job", chunk, lambda: speech, DecodeOptions(language="en")).result(timeout=60)
         assert time.monotonic() - t0 < 3 + 5
         assert result.status is ChunkStatus.FAILED and "CHUNK_TIMEOUT=3" in (result.error or "")
-        assert helpers.wait_gone(pid, 5)
+        assert tk.wait_gone(pid, 5)
         assert pool.slots[0].pid != pid  # replaced, ready for the next chunk
         ok = pool.transcribe("job", chunk, lambda: speech, DecodeOptions(language="en")).result(timeout=120)
         assert ok.status is ChunkStatus.OK

@@ -9,22 +9,32 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import helpers
 import pytest
-from test_hostile import CLIP, CLIP_TEXT, base_env, start_daemon
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-from chaos import children
+import testkit as tk
+from testkit import NotifySocket, SpoolView, children
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+CLIP = tk.SHORT_CLIP
+CLIP_TEXT = tk.reference_text(CLIP)
+
+
+NODE_SETTINGS = {"SMAPD_FORMATS": "txt,json", "SMAPD_SETTLE_SECONDS": 2, "SMAPD_LEASE_SECONDS": 30,
+                 "SMAPD_SHUTDOWN_GRACE_SECONDS": 5}
+
+
+def base_env(model_cache_dir: Path, **extra: object) -> dict[str, str]:
+    return tk.daemon_env(model_cache_dir, **{**NODE_SETTINGS, **extra})
+
+
+def start_daemon(root: Path, env: dict[str, str]) -> tuple[tk.Node, SpoolView]:
+    return tk.serve(root, env, name="f1")
 
 
 def one_worker(pid: int, other_than: int | None = None, timeout: float = 60) -> int:
@@ -32,10 +42,10 @@ def one_worker(pid: int, other_than: int | None = None, timeout: float = 60) -> 
     found: list[int] = []
 
     def look() -> bool:
-        found[:] = [c for c in children(pid) if c != other_than and helpers.pid_alive(c)]
+        found[:] = [c for c in children(pid) if c != other_than and tk.pid_alive(c)]
         return bool(found)
 
-    assert helpers.wait_for(look, timeout, 0.01), f"no worker under daemon {pid}"
+    assert tk.wait_for(look, timeout, 0.01), f"no worker under daemon {pid}"
     return found[0]
 
 
@@ -52,13 +62,14 @@ def test_hung_worker_is_killed_at_chunk_timeout_and_the_chunk_retried(tmp_path, 
         os.kill(hung, signal.SIGSTOP)  # hangs: reads nothing, answers nothing
         t0 = time.monotonic()
         drop_clip(sp, tmp_path, "hang.ogg")
-        report, _ = sp.transcribed("hang.ogg")
+        report = sp.transcribed("hang.ogg", CLIP_TEXT)
         assert report["chunks"][0]["attempts"] == 2, report["chunks"]
         assert time.monotonic() - t0 >= 4
-        assert helpers.wait_gone(hung, 10), "the hung worker was not killed"
+        assert tk.wait_gone(hung, 10), "the hung worker was not killed"
         fresh = one_worker(node.pid, other_than=hung)
         assert fresh != hung
         assert "no answer within CHUNK_TIMEOUT=4 s" in node.log_text()
+        tk.assert_invariants(sp)
     finally:
         node.kill9()
 
@@ -70,17 +81,18 @@ def test_crashing_worker_is_replaced_and_the_chunk_retried(tmp_path, model_dir, 
         victim = one_worker(node.pid)
         os.kill(victim, signal.SIGSTOP)  # hold it so that it dies with the chunk in hand
         drop_clip(sp, tmp_path, "crash.ogg")
-        assert helpers.wait_for(lambda: "Transcribing chunk 1" in node.log_text(), 30)
+        assert tk.wait_for(lambda: "Transcribing chunk 1" in node.log_text(), 30)
         time.sleep(0.3)
         os.kill(victim, sig)
         os.kill(victim, signal.SIGCONT)
-        report, _ = sp.transcribed("crash.ogg")
+        report = sp.transcribed("crash.ogg", CLIP_TEXT)
         assert report["chunks"][0]["attempts"] == 2, report["chunks"]
         assert f"was killed by {sig.name}" in node.log_text()
         assert one_worker(node.pid, other_than=victim) != victim
         drop_clip(sp, tmp_path, "after-crash.ogg")  # the replacement serves the next job
-        report, _ = sp.transcribed("after-crash.ogg")
+        report = sp.transcribed("after-crash.ogg", CLIP_TEXT)
         assert report["chunks"][0]["attempts"] == 1
+        tk.assert_invariants(sp)
     finally:
         node.kill9()
 
@@ -91,11 +103,11 @@ def test_worker_recycled_after_max_chunks(tmp_path, model_dir, model_cache_dir):
         pids = [one_worker(node.pid)]
         for i in range(3):
             drop_clip(sp, tmp_path, f"recycle-{i}.ogg")
-            sp.transcribed(f"recycle-{i}.ogg")
+            sp.transcribed(f"recycle-{i}.ogg", CLIP_TEXT)
             if i == 1:
-                assert helpers.wait_for(lambda: "recycling worker w1: served 2 chunks" in node.log_text(), 20)
+                assert tk.wait_for(lambda: "recycling worker w1: served 2 chunks" in node.log_text(), 20)
                 pids.append(one_worker(node.pid, other_than=pids[0]))
-        assert pids[1] != pids[0] and not helpers.pid_alive(pids[0])
+        assert pids[1] != pids[0] and not tk.pid_alive(pids[0])
         assert node.log_text().count("recycling worker") == 1  # 3 chunks: one recycle so far
     finally:
         node.kill9()
@@ -106,8 +118,8 @@ def test_worker_recycled_above_max_rss(tmp_path, model_dir, model_cache_dir):
     try:
         first = one_worker(node.pid)
         drop_clip(sp, tmp_path, "rss.ogg")
-        sp.transcribed("rss.ogg")
-        assert helpers.wait_for(lambda: "(SMAPD_WORKER_MAX_RSS_MB=50)" in node.log_text(), 20)
+        sp.transcribed("rss.ogg", CLIP_TEXT)
+        assert tk.wait_for(lambda: "(SMAPD_WORKER_MAX_RSS_MB=50)" in node.log_text(), 20)
         assert one_worker(node.pid, other_than=first) != first
     finally:
         node.kill9()
@@ -116,39 +128,6 @@ def test_worker_recycled_above_max_rss(tmp_path, model_dir, model_cache_dir):
 # --------------------------------------------------------------------------------------------
 # The model: missing or corrupt -> one clear line, exit 2, before READY
 # --------------------------------------------------------------------------------------------
-
-
-class NotifySocket:
-    """A unix datagram socket set as NOTIFY_SOCKET; collects (time, message) pairs."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="notify-socket")
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            for line in data.decode(errors="replace").splitlines():
-                self.messages.append((time.monotonic(), line))
-
-    def pings(self, since: float = 0.0, until: float = float("inf")) -> list[float]:
-        return [t for t, m in list(self.messages) if m == "WATCHDOG=1" and since <= t < until]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 def _bad_model_dirs(tmp: Path, model_dir: Path) -> dict[str, dict[str, str]]:
@@ -185,7 +164,7 @@ def test_missing_or_corrupt_model_fails_at_start_before_ready(tmp_path, model_di
                 capture_output=True,
                 text=True,
                 timeout=120,
-                cwd=REPO,
+                cwd=tk.REPO,
                 check=False,
             )
         finally:
@@ -194,7 +173,7 @@ def test_missing_or_corrupt_model_fails_at_start_before_ready(tmp_path, model_di
         assert "Traceback" not in proc.stderr, (label, proc.stderr[-3000:])
         lines = [x for x in proc.stderr.splitlines() if x.startswith("smapd: ")]
         assert len(lines) == 1 and "model" in lines[0].lower(), (label, proc.stderr[-2000:])
-        assert not [m for _, m in notify.messages if m.startswith("READY=1")], (label, notify.messages)
+        assert not notify.lines("READY=1"), (label, notify.messages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,15 +194,15 @@ def test_wedged_pool_stops_the_watchdog_pings(tmp_path, model_dir, model_cache_d
         base_env(model_cache_dir, CHUNK_TIMEOUT="3", NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="2000000"),
     )
     try:
-        assert helpers.wait_for(lambda: len(notify.pings()) >= 3, 15), notify.messages
+        assert tk.wait_for(lambda: len(notify.pings()) >= 3, 15), notify.messages
         first = one_worker(node.pid)
         os.kill(first, signal.SIGSTOP)
         drop_clip(sp, tmp_path, "wedge.ogg")
-        assert helpers.wait_for(lambda: "Transcribing chunk 1" in node.log_text(), 30)
+        assert tk.wait_for(lambda: "Transcribing chunk 1" in node.log_text(), 30)
         t0 = time.monotonic()
         second = one_worker(node.pid, other_than=first, timeout=20)  # the replacement, still loading
         os.kill(second, signal.SIGSTOP)
-        assert helpers.wait_for(
+        assert tk.wait_for(
             lambda: "the engine pool is stalled" in node.log_text(), 3 + STALL_ALLOWANCE + 20
         )
         t_stall = time.monotonic()
@@ -234,7 +213,7 @@ def test_wedged_pool_stops_the_watchdog_pings(tmp_path, model_dir, model_cache_d
         os.kill(second, signal.SIGCONT)  # unwedge: it loads, the chunk is retried, pings come back
         sp.transcribed("wedge.ogg", CLIP_TEXT, timeout=60)
         t_back = time.monotonic()
-        assert helpers.wait_for(lambda: notify.pings(t_back), 10), "the pings did not resume"
+        assert tk.wait_for(lambda: notify.pings(t_back), 10), "the pings did not resume"
     finally:
         node.kill9()
         notify.close()
@@ -258,14 +237,14 @@ def test_transient_publish_failure_on_a_single_node_is_retried(tmp_path, model_d
         mounted = True
         subprocess.run(["mount", "-o", "remount,bind,ro", out], check=True)
         drop_clip(sp, tmp_path, "ro-outbox.ogg")
-        assert helpers.wait_for(lambda: "cannot publish yet" in node.log_text(), 60), node.log_text()[-2000:]
+        assert tk.wait_for(lambda: "cannot publish yet" in node.log_text(), 60), node.log_text()[-2000:]
         time.sleep(8)  # longer than the 6 s lease: the claim must stay ours while we retry
-        assert len(os.listdir(sp.root / "processing")) == 1
+        assert len(sp.claims()) == 1
         subprocess.run(["umount", out], check=True)
         mounted = False
-        report, _ = sp.transcribed("ro-outbox.ogg", timeout=30)
+        report = sp.transcribed("ro-outbox.ogg", CLIP_TEXT, timeout=30)
         assert report["job"]["attempt"] == 1
-        assert not os.listdir(sp.root / "processing")
+        tk.assert_invariants(sp, max_attempts=1)
     finally:
         if mounted:
             subprocess.run(["umount", out], check=False)

@@ -1,4 +1,5 @@
-"""The test helpers themselves: a wrong WER or SRT parser would make every accuracy test meaningless."""
+"""The test kit itself: a wrong WER or SRT parser, name parser or invariant checker would make the tests
+that use it meaningless."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,12 @@ import wave
 from pathlib import Path
 
 import av
-import helpers as h
+import numpy as np
 import pytest
+
+import testkit as h
+from testkit.invariants import Seen, check_spool
+from testkit.spoolview import Name, SpoolView, parse_name
 
 
 def test_normalize() -> None:
@@ -91,10 +96,12 @@ def test_longform_spans_match_the_audio(longform) -> None:  # type: ignore[no-un
         assert span["start"] >= prev_end
         prev_end = span["end"]
         a, b = round(span["start"] * 16000), round(span["end"] * 16000)
-        # The span holds exactly that clip's samples, and silence follows it.
-        assert (pcm[a:b] == clips[span["file"]][: b - a]).all(), span
-        assert b - a == pytest.approx(len(clips[span["file"]]), abs=1)
-        assert not pcm[b: b + 4000].any()
+        # The span holds exactly that clip's samples, and its room tone follows it (no digital silence).
+        clip = clips[span["file"]]
+        assert (pcm[a:b] == clip[: b - a]).all(), span
+        assert b - a == pytest.approx(len(clip), abs=1)
+        pause = pcm[b: b + 4000]
+        assert (pause == h.room_tone_of(clip, len(pause))).all() and pause.any(), span
         assert span["start"] <= span["speech_start"] < span["speech_end"] <= span["end"]
         assert span["speech_start"] - span["start"] < 1.0 and span["end"] - span["speech_end"] < 1.0
     assert longform.spans[-1]["end"] <= seconds
@@ -186,3 +193,151 @@ def test_sphinx_transcribe_fails_cleanly(sphinx_transcribe: Path, tmp_path: Path
     assert result.returncode != 0
     assert not (tmp_path / "out.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav"]
+
+
+def test_room_tone_is_the_clips_own_quiet_edges() -> None:
+    for clip, _ in h.manifest_clips("en"):
+        pcm = h.decode_pcm16(clip)
+        a, b = h.speech_bounds(pcm)
+        tone = h.room_tone_of(pcm, 3 * h.RATE)
+        assert len(tone) == 3 * h.RATE and tone.dtype == np.int16
+        speech_rms = np.sqrt(np.mean(pcm[a:b].astype(np.float64) ** 2))
+        tone_rms = np.sqrt(np.mean(tone.astype(np.float64) ** 2))
+        assert tone_rms < 0.2 * speech_rms, clip.name  # background, not words
+        edges = set(np.concatenate([pcm[:a], pcm[b:]]).tolist())
+        assert set(tone[:2000].tolist()) <= edges, clip.name  # recorded samples, none made up
+
+
+# --------------------------------------------------------------------------------------------
+# The spool's names, the environment, the invariant checker
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("state", "name", "expected"), [
+    ("processing", "talk.mp3__web1_3f2a9c1e4b7d_a1_p4242", Name("talk.mp3", "3f2a9c1e4b7d", "web1", 1, 4242)),
+    ("processing", "a__b_c.wav__n-2_0123456789ab_a12_p7_t", Name("a__b_c.wav", "0123456789ab", "n-2", 12, 7, True)),
+    ("processing", "new\nline.ogg__x_0123456789ab_a1_p1", Name("new\nline.ogg", "0123456789ab", "x", 1, 1)),
+    ("processing", "talk.mp3", None),
+    ("processing", "talk.mp3__web_1_3f2a9c1e4b7d_a1_p4242", None),  # node names hold no "_"
+    ("archive", "3f2a9c1e4b7d.talk.mp3", Name("talk.mp3", "3f2a9c1e4b7d")),
+    ("archive", "3f2a9c1e4b7d.a.b.c", Name("a.b.c", "3f2a9c1e4b7d")),
+    ("failed", "3f2a9c1e4b7d.pipe.wav", Name("pipe.wav", "3f2a9c1e4b7d")),
+    ("failed", "3f2a9c1e4b7d.pipe.wav.report.json", None),
+    ("archive", "talk.mp3", None),
+])
+def test_parse_name(state: str, name: str, expected: Name | None) -> None:
+    assert parse_name(state, name) == expected
+
+
+def test_env_scrubs_every_smapd_setting_and_systemds_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from smapd.settings import _SMAP_NAMES  # the SMAP names smapd reads without a prefix
+
+    for name in (*_SMAP_NAMES, "SMAPD_LANGUAGE", "smapd_formats", "max_concurrent_jobs", "NOTIFY_SOCKET",
+                 "WATCHDOG_USEC"):
+        monkeypatch.setenv(name, "from-the-shell")
+    monkeypatch.setenv("KEEP_ME", "1")
+    env = h.daemon_env("/cache", SMAPD_FORMATS="txt", CHUNK_TIMEOUT=4)
+    assert {k for k, v in env.items() if v == "from-the-shell"} == set()
+    assert env["KEEP_ME"] == "1" and env["SMAPD_MODEL_CACHE"] == "/cache"
+    assert env["SMAPD_FORMATS"] == "txt" and env["CHUNK_TIMEOUT"] == "4" and env["MAX_PARALLEL_WORKERS"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep)[-1] == str(h.REPO)
+
+
+def _fake_spool(root: Path) -> SpoolView:
+    """A finished spool written by hand: a.wav published by n2's attempt 2, b.wav failed."""
+    for d in ("inbox", "processing", "outbox", "archive", "failed"):
+        (root / d).mkdir(parents=True)
+    job = "0123456789ab"
+    for suffix in (".txt", ".srt"):
+        (root / "outbox" / f"a{suffix}").write_text("words\n")
+    report = {"outcome": "success", "outputs": {".txt": "a.txt", ".srt": "a.srt"},
+              "input": {"name": "a.wav"},
+              "job": {"id": job, "attempt": 2, "node": "n2", "original_name": "a.wav",
+                      "claimed_as": f"a.wav__n2_{job}_a2_p9",
+                      "attempts": [{"attempt": 1, "node": "n1"}, {"attempt": 2, "node": "n2"}]}}
+    (root / "outbox" / "a.report.json").write_text(json.dumps(report))
+    (root / "archive" / f"{job}.a.wav").write_bytes(b"RIFF")
+    (root / "failed" / "ba9876543210.b.wav").write_bytes(b"")
+    (root / "failed" / "ba9876543210.b.wav.report.json").write_text(json.dumps(
+        {"outcome": "failed", "error": "empty (0 bytes)", "input": {"name": "b.wav"},
+         "job": {"id": "ba9876543210", "attempt": 1, "node": "n1"}, "attempts": [{"attempt": 1}]}))
+    return SpoolView(root)
+
+
+def test_check_spool_passes_a_sound_spool(tmp_path: Path) -> None:
+    sp = _fake_spool(tmp_path / "spool")
+    found = check_spool(sp, ["a.wav", "b.wav"], max_attempts=3, seen={"0123456789ab": Seen(2, "n2")})
+    assert found, str(found)
+    assert found.published_once == {"a.wav"} and found.report("b.wav") is not None
+    # a node that took the job over after it was published only archived it: its later claim is fine
+    written = (sp.outbox / "a.report.json").stat().st_mtime
+    assert check_spool(sp, ["a.wav", "b.wav"], seen={"0123456789ab": Seen(3, "n3", since=written + 1)})
+    # an attempt record its node could not write (a full disk) proves nothing either way
+    path = sp.outbox / "a.report.json"
+    rep = json.loads(path.read_text())
+    rep["job"]["attempts"][-1] = {"attempt": 2, "node": None, "note": "no record"}
+    path.write_text(json.dumps(rep))
+    os.utime(path, (written, written))
+    assert check_spool(sp, ["a.wav", "b.wav"]), str(check_spool(sp, ["a.wav", "b.wav"]))
+
+
+def test_check_spool_catches_each_broken_invariant(tmp_path: Path) -> None:
+    """Each mutation of a sound spool is caught: a checker that cannot fail proves nothing."""
+
+    def broken(mutate, **kwargs) -> str:  # type: ignore[no-untyped-def]
+        root = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        sp = _fake_spool(root)
+        mutate(root)
+        found = check_spool(sp, ["a.wav", "b.wav"], **{"max_attempts": 3, **kwargs})
+        assert not found, f"not caught: {mutate.__doc__}"
+        return str(found)
+
+    def lost(r: Path) -> None:
+        """the original of a.wav deleted"""
+        (r / "archive" / "0123456789ab.a.wav").unlink()
+
+    def twice(r: Path) -> None:
+        """a.wav in inbox/ and archive/"""
+        (r / "inbox" / "a.wav").write_bytes(b"")
+
+    def orphan(r: Path) -> None:
+        """a claim left in processing/"""
+        (r / "processing" / "c.wav__n1_00000000000c_a1_p1").write_bytes(b"")
+
+    def no_report(r: Path) -> None:
+        """b.wav failed without its report"""
+        (r / "failed" / "ba9876543210.b.wav.report.json").unlink()
+
+    def missing_output(r: Path) -> None:
+        """a.srt listed but gone"""
+        (r / "outbox" / "a.srt").unlink()
+
+    def late_output(r: Path) -> None:
+        """a.txt rewritten after the report (a late node overwriting the stem)"""
+        later = (r / "outbox" / "a.report.json").stat().st_mtime + 5
+        os.utime(r / "outbox" / "a.txt", (later, later))
+
+    def temp_file(r: Path) -> None:
+        """a temp file in outbox/"""
+        (r / "outbox" / ".a.txt.tmp-1").write_text("x")
+
+    def stale_publisher(r: Path) -> None:
+        """the report rewritten by attempt 1 (its node slept past the lease)"""
+        path = r / "outbox" / "a.report.json"
+        rep = json.loads(path.read_text())
+        rep["job"].update(attempt=1, node="n1", claimed_as="a.wav__n1_0123456789ab_a1_p8",
+                          attempts=[{"attempt": 1, "node": "n1"}])
+        path.write_text(json.dumps(rep))
+
+    def too_many(r: Path) -> None:
+        """a failed report with 4 attempts"""
+        path = r / "failed" / "ba9876543210.b.wav.report.json"
+        rep = json.loads(path.read_text())
+        rep["attempts"] = [{"attempt": n} for n in range(1, 5)]
+        path.write_text(json.dumps(rep))
+
+    for mutate in (lost, twice, orphan, no_report, missing_output, late_output, temp_file, too_many):
+        broken(mutate)
+    # consistent in itself: only the claims seen during the run tell that attempt 2 existed
+    assert "the last claim seen was attempt 2 by n2" in broken(stale_publisher, seen={"0123456789ab": Seen(2, "n2")})
+    assert "the last claim seen was attempt 3" in broken(lambda r: None, seen={"0123456789ab": Seen(3, "n3")})

@@ -8,59 +8,38 @@ unreadable to it, as it is to the service user. The limits get a daemon of their
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
 import struct
-import sys
 import threading
 import time
 from pathlib import Path
 
-import helpers
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-from chaos import Node
+import testkit as tk
+from testkit import SpoolView, parse_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-CLIP = helpers.DATA_DIR / "fleurs-en-003.ogg"
-CLIP_TEXT = "the cabbage juice changes color depending on how acidic or basic alkaline the chemical is"
-CLIP2 = helpers.DATA_DIR / "librivox-sense_and_sensibility_01_austen_64kb-0870.wav"
-CLIP2_TEXT = (
-    "and mister john dashwood had then leisure to consider how much there might be prudently in his "
-    "power to do for them"
-)
+CLIP = tk.SHORT_CLIP
+CLIP_TEXT = tk.reference_text(CLIP)
+CLIP2 = tk.DATA_DIR / "librivox-sense_and_sensibility_01_austen_64kb-0870.wav"
+CLIP2_TEXT = tk.reference_text(CLIP2)
 SETTLE = 2.0
 NOBODY = 65534
 THREE_HOURS = 3 * 3600
 DAEMON_PEAK_RSS_MB = 1024  # the daemon process (decode, VAD, chunking); the model lives in the worker
 
 
-def base_env(model_cache_dir: Path, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("SMAPD_")
-        and k not in ("MAX_PARALLEL_WORKERS", "CHUNK_TIMEOUT", "NOTIFY_SOCKET", "WATCHDOG_USEC")
-    }
-    env.update(
-        PYTHONPATH=str(REPO),
-        SMAPD_MODEL_CACHE=str(model_cache_dir),
-        MAX_PARALLEL_WORKERS="1",
-        SMAPD_LANGUAGE="en",
-        SMAPD_FORMATS="txt,json",
-        SMAPD_RESCAN_SECONDS="1",
-        SMAPD_SETTLE_SECONDS=str(SETTLE),
-        SMAPD_LEASE_SECONDS="30",
-        SMAPD_SHUTDOWN_GRACE_SECONDS="5",
-    )
-    env.update(extra)
-    return env
+NODE_SETTINGS = {"SMAPD_FORMATS": "txt,json", "SMAPD_SETTLE_SECONDS": SETTLE, "SMAPD_LEASE_SECONDS": 30,
+                 "SMAPD_SHUTDOWN_GRACE_SECONDS": 5}
+
+
+def base_env(model_cache_dir: Path, **extra: object) -> dict[str, str]:
+    return tk.daemon_env(model_cache_dir, **{**NODE_SETTINGS, **extra})
 
 
 def no_dac_prefix() -> list[str]:
@@ -69,82 +48,22 @@ def no_dac_prefix() -> list[str]:
     return []
 
 
-class Spool:
-    """The spool the daemon serves, with waits for one input's outcome."""
-
-    def __init__(self, root: Path, node: Node) -> None:
-        self.root, self.node = root, node
-        self.inbox, self.outbox, self.failed = root / "inbox", root / "outbox", root / "failed"
-
-    def drop(self, src: Path, name: str | bytes) -> Path:
-        """Copy to a hidden temp name in inbox/, then rename: the safe way to drop."""
-        dst = self.inbox / (os.fsdecode(name) if isinstance(name, bytes) else name)
-        tmp = self.inbox / f".drop-{time.monotonic_ns()}.part"
-        shutil.copyfile(src, tmp)
-        os.rename(tmp, dst)
-        return dst
-
-    def outcome(self, name: str | bytes, timeout: float = 90) -> tuple[str, dict, str]:
-        """("outbox", report, txt) or ("failed", report, "") once ``name``'s report is published."""
-        name = os.fsdecode(name) if isinstance(name, bytes) else name
-        # A report is JSON text: undecodable bytes of a name appear there as U+FFFD.
-        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        found: list = []
-
-        def look() -> bool:
-            for p in self.failed.iterdir():
-                if p.name.endswith(".report.json") and p.name[13 : -len(".report.json")] == name:
-                    found[:] = ["failed", json.loads(p.read_bytes()), ""]
-                    return True
-            for p in self.outbox.iterdir():
-                if p.name.endswith(".report.json"):
-                    with helpers_quiet():
-                        r = json.loads(p.read_bytes())
-                        if r["job"]["original_name"] in (name, shown) and not found:
-                            txt = self.outbox / r["outputs"].get(".txt", "-")
-                            found[:] = ["outbox", r, txt.read_text() if txt.exists() else ""]
-            return bool(found)
-
-        assert helpers.wait_for(look, timeout, 0.2), (
-            f"no report for {name!r} within {timeout} s; log:\n" + self.node.log_text()[-3000:]
-        )
-        assert self.node.alive(), "the daemon died:\n" + self.node.log_text()[-3000:]
-        return found[0], found[1], found[2]
-
-    def failed_with(self, name: str | bytes, fragment: str) -> dict:
-        where, report, _ = self.outcome(name)
-        assert where == "failed", (name, report.get("outcome"), report.get("error"))
-        assert report["outcome"] == "failed" and fragment in (report["error"] or ""), (name, report["error"])
-        assert "Traceback" not in report["error"]
-        return report
-
-    def transcribed(
-        self, name: str | bytes, reference: str | None = CLIP_TEXT, recall: float = 0.6, timeout: float = 90
-    ) -> tuple[dict, str]:
-        where, report, text = self.outcome(name, timeout)
-        assert where == "outbox" and report["outcome"] == "success", (name, report.get("error"))
-        if reference is not None:
-            assert helpers.word_recall(reference, text) >= recall, (name, text)
-        return report, text
+def start_daemon(root: Path, env: dict[str, str], name: str = "h1") -> tuple[tk.Node, SpoolView]:
+    """A daemon without CAP_DAC_OVERRIDE (when root) on a fresh spool under ``root``."""
+    return tk.serve(root, env, name, prefix=no_dac_prefix())
 
 
-class helpers_quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, *_: object) -> bool:
-        return kind is not None and issubclass(kind, (OSError, ValueError, KeyError, TypeError))  # type: ignore[arg-type]
+def originals(sp: SpoolView, state: str, name: str) -> list[str]:
+    """Entries of archive/ or failed/ that hold the dropped ``name``."""
+    return [n for n in sp.listdir(state) if (p := parse_name(state, n)) is not None and p.original == name]
 
 
-def start_daemon(root: Path, env: dict[str, str], name: str = "h1") -> tuple[Node, Spool]:
-    spool = root / "spool"
-    spool.mkdir(parents=True, exist_ok=True)
-    node = Node(name, spool, root, env, prefix=no_dac_prefix())
-    node.start()
-    if not node.wait_ready(120):
-        node.kill9()
-        pytest.fail("the daemon did not start:\n" + node.log_text()[-3000:])
-    return node, Spool(spool, node)
+class InventedText(AssertionError):
+    """Words came out of audio that holds none (what the music xfail expects, and nothing else)."""
+
+
+class MissingWarning(AssertionError):
+    """A truncated file was transcribed without job.warning saying that decoding stopped early."""
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +75,6 @@ def sp(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, model_cache_di
         yield spool
     finally:
         node.kill9()
-        node.terminate()
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +88,8 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def loud(stage: Path) -> Path:
     """CLIP normalized to a -6 dBFS peak: CLIP itself peaks at -45 dBFS, which 8-bit PCM (48 dB of
     range) would round to pure silence before smapd ever saw it."""
-    pcm = helpers.decode_pcm16(CLIP).astype(np.float64)
-    return helpers.write_pcm16_wav(
+    pcm = tk.decode_pcm16(CLIP).astype(np.float64)
+    return tk.write_pcm16_wav(
         stage / "loud.wav", np.round(pcm * (16384 / np.abs(pcm).max())).astype(np.int16)
     )
 
@@ -181,22 +99,22 @@ def loud(stage: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 BROKEN = {  # name -> (maker(stage, path), fragment of the error)
-    "zero.wav": (lambda d, p: helpers.write_empty(p), "empty (0 bytes)"),
+    "zero.wav": (lambda d, p: tk.write_empty(p), "empty (0 bytes)"),
     "header-only.wav": (
-        lambda d, p: helpers.write_truncated_copy(
-            helpers.write_speech_variant(CLIP, d / "hdr-src.wav"), p, keep=44
+        lambda d, p: tk.write_truncated_copy(
+            tk.write_speech_variant(CLIP, d / "hdr-src.wav"), p, keep=44
         ),
         "no audio",
     ),
     "random-bytes.wav": (
-        lambda d, p: helpers.write_random_bytes(p, seed=3),
+        lambda d, p: tk.write_random_bytes(p, seed=3),
         "not a readable audio or video file",
     ),
-    "shopping-list.mp3": (lambda d, p: helpers.write_text_as(p), "not a readable audio or video file"),
-    "video-no-audio.mp4": (lambda d, p: helpers.write_video_without_audio(p), "no audio track"),
+    "shopping-list.mp3": (lambda d, p: tk.write_text_as(p), "not a readable audio or video file"),
+    "video-no-audio.mp4": (lambda d, p: tk.write_video_without_audio(p), "no audio track"),
     "flac-head-only.flac": (
-        lambda d, p: helpers.write_truncated_copy(
-            helpers.encode_audio(CLIP, d / "head-src.flac", "flac"), p, keep=30
+        lambda d, p: tk.write_truncated_copy(
+            tk.encode_audio(CLIP, d / "head-src.flac", "flac"), p, keep=30
         ),
         "not a readable audio or video file",
     ),
@@ -210,7 +128,7 @@ def _make(stage: Path, name: str, maker) -> Path:
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
-def test_broken_file_fails_with_its_reason(sp: Spool, stage: Path, name: str) -> None:
+def test_broken_file_fails_with_its_reason(sp: SpoolView, stage: Path, name: str) -> None:
     maker, fragment = BROKEN[name]
     sp.drop(_make(stage, name, maker), name)
     report = sp.failed_with(name, fragment)
@@ -232,46 +150,60 @@ VARIANTS = {  # name -> (rate, channels, sample format)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_wav_rates_channels_and_sample_formats(sp: Spool, stage: Path, loud: Path, name: str) -> None:
+def test_wav_rates_channels_and_sample_formats(sp: SpoolView, stage: Path, loud: Path, name: str) -> None:
     rate, channels, fmt = VARIANTS[name]
-    src = helpers.write_speech_variant(loud, stage / name, rate=rate, channels=channels, sample_format=fmt)
+    src = tk.write_speech_variant(loud, stage / name, rate=rate, channels=channels, sample_format=fmt)
     sp.drop(src, name)
-    report, _ = sp.transcribed(name)
+    report = sp.transcribed(name, CLIP_TEXT)
     assert report["input"]["channels"] == channels and report["input"]["sample_rate"] == rate
 
 
-def test_lying_extension_is_transcribed(sp: Spool, stage: Path) -> None:
-    flac = helpers.encode_audio(CLIP, stage / "lying-src.flac", "flac")
+def test_lying_extension_is_transcribed(sp: SpoolView, stage: Path) -> None:
+    flac = tk.encode_audio(CLIP, stage / "lying-src.flac", "flac")
     sp.drop(flac, "really-flac.mp3")
-    report, _ = sp.transcribed("really-flac.mp3")
+    report = sp.transcribed("really-flac.mp3", CLIP_TEXT)
     assert report["input"]["codec"] == "flac"
 
 
+MP3_TRUNCATION_UNSEEN = pytest.mark.xfail(
+    strict=True, raises=MissingWarning,
+    reason="BUG (reported): smapd/audio.py warns only when the decoder raises; a cut MP3 ends cleanly "
+    "at 4.3 s while its header declares 7.1 s, and nothing compares the two")
+
+
 @pytest.mark.parametrize(
-    "codec,suffix,extra",
-    [("libmp3lame", ".mp3", {}), ("flac", ".flac", {}), ("libopus", ".ogg", {"container_format": "ogg"})],
+    "codec,suffix,extra,warns",
+    [pytest.param("libmp3lame", ".mp3", {}, True, marks=MP3_TRUNCATION_UNSEEN),
+     ("flac", ".flac", {}, True),
+     # Ogg has no declared length: its duration is the last complete page's, so a cut at a page is
+     # a shorter file as far as any reader can tell, and no warning is owed.
+     ("libopus", ".ogg", {"container_format": "ogg"}, False)],
 )
 def test_truncated_file_gives_the_part_that_is_there(
-    sp: Spool, stage: Path, codec: str, suffix: str, extra: dict
+    sp: SpoolView, stage: Path, codec: str, suffix: str, extra: dict, warns: bool
 ) -> None:
-    """Cut at 60%: what decodes is transcribed (a prefix of the reference), nothing invented."""
-    full = helpers.encode_audio(CLIP2, stage / f"trunc-src{suffix}", codec, **extra)
+    """Cut at 60%: what decodes is transcribed (a prefix of the reference), nothing invented, and where
+    the file shows it was cut, job.warning says that decoding stopped early."""
+    full = tk.encode_audio(CLIP2, stage / f"trunc-src{suffix}", codec, **extra)
     name = f"truncated{suffix}"
-    helpers.write_truncated_copy(full, stage / name, keep=0.6)
+    tk.write_truncated_copy(full, stage / name, keep=0.6)
     sp.drop(stage / name, name)
     where, report, text = sp.outcome(name)
     assert where == "outbox" and report["outcome"] == "success", report.get("error")
-    words = helpers.normalize(text).split()
-    ref = helpers.normalize(CLIP2_TEXT).split()
+    words = tk.normalize(text).split()
+    ref = tk.normalize(CLIP2_TEXT).split()
     assert words, "nothing transcribed from the first 60%"
     assert sum(w in ref for w in words) / len(words) >= 0.7, text  # no hallucination
-    assert helpers.word_recall(CLIP2_TEXT, text) < 0.95, text  # and it is not the whole clip
-    assert report["input"]["duration"] < 0.8 * helpers.audio_info(CLIP2)["duration"]
+    assert tk.word_recall(CLIP2_TEXT, text) < 0.95, text  # and it is not the whole clip
+    assert report["input"]["duration"] < 0.8 * tk.audio_info(CLIP2)["duration"]
+    warning = report["job"].get("warning") or ""
+    if warns and not ("decoding stopped" in warning and "\n" not in warning):
+        raise MissingWarning(f"{name}: job.warning is {warning!r}")
 
 
-def test_tiny_file_claiming_an_enormous_size(sp: Spool, stage: Path) -> None:
+def test_tiny_file_claiming_an_enormous_size(sp: SpoolView, stage: Path) -> None:
     """A WAV whose header claims 4 GiB of data (~37 h), holding 6 s: the 6 s are transcribed, quickly."""
-    pcm = helpers.decode_pcm16(CLIP)
+    pcm = tk.decode_pcm16(CLIP)
     data = pcm.astype("<i2").tobytes()
     fmt = struct.pack("<HHIIHH", 1, 1, 16000, 32000, 2, 16)
     huge = 0xFFFFFF00
@@ -280,18 +212,18 @@ def test_tiny_file_claiming_an_enormous_size(sp: Spool, stage: Path) -> None:
     path.write_bytes(b"RIFF" + struct.pack("<I", huge + 36) + body)
     t0 = time.monotonic()
     sp.drop(path, "liar-size.wav")
-    report, _ = sp.transcribed("liar-size.wav")
+    report = sp.transcribed("liar-size.wav", CLIP_TEXT)
     assert report["input"]["duration"] < 10
     assert time.monotonic() - t0 < 60
 
 
 @pytest.mark.parametrize("kind", ["silence", "noise"])
-def test_silence_and_noise_give_an_empty_transcript(sp: Spool, stage: Path, kind: str) -> None:
+def test_silence_and_noise_give_an_empty_transcript(sp: SpoolView, stage: Path, kind: str) -> None:
     name = f"pure-{kind}.wav"
     if kind == "silence":
-        helpers.write_silence_wav(stage / name, 20)
+        tk.write_silence_wav(stage / name, 20)
     else:
-        helpers.write_noise_wav(stage / name, 20, amplitude=0.05, seed=7)
+        tk.write_noise_wav(stage / name, 20, amplitude=0.05, seed=7)
     sp.drop(stage / name, name)
     where, report, text = sp.outcome(name)
     assert where == "outbox" and report["outcome"] == "success", report.get("error")
@@ -299,11 +231,14 @@ def test_silence_and_noise_give_an_empty_transcript(sp: Spool, stage: Path, kind
 
 
 @pytest.mark.xfail(
-    strict=False,
+    # raises=: only invented text is expected; a crash, a failed report or a dead daemon fail the test.
+    # Not strict: it is intermittent (Whisper's temperature fallback samples at random; of two runs of
+    # this module on one commit, one invented words and one did not), so an XPASS proves no fix.
+    strict=False, raises=InventedText,
     reason="BUG (reported): Silero VAD passes harmonic tones as speech and Whisper "
-    "base hallucinates on them ('Go, go, go, go, go, go, go, go, go.')",
+    "base often hallucinates on them ('Go, go, go, go, go, go, go, go, go.')",
 )
-def test_music_tones_do_not_crash_or_ramble(sp: Spool, stage: Path) -> None:
+def test_music_tones_do_not_crash_or_ramble(sp: SpoolView, stage: Path) -> None:
     """Chords with vibrato and note changes (music-like): a success; at most a few words (Whisper may
     label it), never a paragraph of invented speech."""
     t = np.arange(16000 * 12) / 16000
@@ -313,23 +248,24 @@ def test_music_tones_do_not_crash_or_ramble(sp: Spool, stage: Path) -> None:
         seg = (t >= 2 * i) & (t < 2 * i + 2)
         vib = 1 + 0.004 * np.sin(2 * np.pi * 5 * t[seg])
         x[seg] = sum(np.sin(2 * np.pi * f * k * vib * t[seg]) / k for k in (1, 1.5, 2))
-    helpers.write_wav(stage / "music.wav", 0.2 * x / np.abs(x).max())
+    tk.write_wav(stage / "music.wav", 0.2 * x / np.abs(x).max())
     sp.drop(stage / "music.wav", "music.wav")
     where, report, text = sp.outcome("music.wav")
     assert where == "outbox" and report["outcome"] == "success", report.get("error")
-    assert len(helpers.normalize(text).split()) <= 8, text
+    if len(tk.normalize(text).split()) > 8:
+        raise InventedText(text)
 
 
-def test_three_hour_file_memory_stays_bounded(sp: Spool) -> None:
+def test_three_hour_file_memory_stays_bounded(sp: SpoolView) -> None:
     """3 h of (silent) audio in 2 MB: an empty transcript, and the daemon's peak RSS stays bounded."""
     path = Path(sp.root.parent / "three-hours.flac")
-    helpers.write_long_silence_flac(path, THREE_HOURS)
+    tk.write_long_silence_flac(path, THREE_HOURS)
     sp.drop(path, "three-hours.flac")
     where, report, text = sp.outcome("three-hours.flac", timeout=300)
     assert where == "outbox" and report["outcome"] == "success", report.get("error")
     assert text.strip() == ""
     assert abs(report["input"]["duration"] - THREE_HOURS) < 5
-    with open(f"/proc/{sp.node.pid}/status") as f:
+    with open(f"/proc/{sp.nodes[0].pid}/status") as f:
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     print(f"daemon peak RSS after a 3 h file: {peak:.0f} MB")
     assert peak < DAEMON_PEAK_RSS_MB, f"daemon peak RSS {peak:.0f} MB for a 3 h file"
@@ -348,19 +284,19 @@ NAMES = {
 
 
 @pytest.mark.parametrize("kind", sorted(NAMES))
-def test_odd_names(sp: Spool, stage: Path, kind: str) -> None:
+def test_odd_names(sp: SpoolView, stage: Path, kind: str) -> None:
     name = NAMES[kind]
     assert len(os.fsencode(name)) <= 255
     src = stage / f"name-{kind}.ogg"
     shutil.copyfile(CLIP, src)
     sp.drop(src, name)
-    report, _ = sp.transcribed(name)
+    report = sp.transcribed(name, CLIP_TEXT)
     stem = report["job"]["output_stem"]
     assert (sp.outbox / f"{stem}.txt").is_file() and "\n" not in stem and "/" not in stem
-    archived = [
-        p for p in os.listdir(sp.root / "archive") if p[13:] == name or (kind == "255-bytes" and "nnnn" in p)
-    ]
+    archived = sp.archived(report["job"]["id"])
     assert len(archived) == 1, archived
+    if kind != "255-bytes":  # shortened in archive/ (the job id needs room); kept whole otherwise
+        assert originals(sp, "archive", name) == archived
 
 
 def test_non_utf8_name(tmp_path: Path, model_dir: Path, model_cache_dir: Path) -> None:
@@ -373,26 +309,26 @@ def test_non_utf8_name(tmp_path: Path, model_dir: Path, model_cache_dir: Path) -
         src = tmp_path / "latin1.ogg"
         shutil.copyfile(CLIP, src)
         sp.drop(src, name)
-        report, _ = sp.transcribed(name, timeout=25)
+        report = sp.transcribed(name, CLIP_TEXT, timeout=25)
         assert (sp.outbox / f"{report['job']['output_stem']}.txt").is_file()
-        assert [p for p in os.listdir(sp.root / "archive") if p[13:] == name]
+        assert originals(sp, "archive", name) == sp.archived(report["job"]["id"])
     finally:
         node.kill9()
 
 
-def test_name_colliding_with_an_existing_output(sp: Spool, stage: Path) -> None:
+def test_name_colliding_with_an_existing_output(sp: SpoolView, stage: Path) -> None:
     existing = sp.outbox / "collide.txt"
     existing.write_text("someone else's transcript\n")
     src = stage / "collide.ogg"
     shutil.copyfile(CLIP, src)
     sp.drop(src, "collide.ogg")
-    report, _ = sp.transcribed("collide.ogg")
+    report = sp.transcribed("collide.ogg", CLIP_TEXT)
     assert report["job"]["output_stem"] == "collide.2"
     assert existing.read_text() == "someone else's transcript\n"
     sp.drop(src, "collide.ogg")  # the same name again, after the first finished
-    helpers.wait_for(lambda: (sp.outbox / "collide.3.report.json").exists(), 60)
-    assert helpers.load_json(sp.outbox / "collide.3.report.json")["outcome"] == "success"
-    assert len([p for p in os.listdir(sp.root / "archive") if p.endswith(".collide.ogg")]) == 2
+    tk.wait_for(lambda: (sp.outbox / "collide.3.report.json").exists(), 60)
+    assert tk.load_json(sp.outbox / "collide.3.report.json")["outcome"] == "success"
+    assert tk.wait_for(lambda: len(originals(sp, "archive", "collide.ogg")) == 2, 10), sp.listdir("archive")
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +336,7 @@ def test_name_colliding_with_an_existing_output(sp: Spool, stage: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_symlinks_are_refused_never_followed(sp: Spool, stage: Path) -> None:
+def test_symlinks_are_refused_never_followed(sp: SpoolView, stage: Path) -> None:
     target = stage / "link-target.ogg"
     shutil.copyfile(CLIP, target)
     shadow = Path("/etc/shadow")
@@ -417,15 +353,15 @@ def test_symlinks_are_refused_never_followed(sp: Spool, stage: Path) -> None:
         os.rename(tmp, sp.inbox / name)
     for name in links:
         sp.failed_with(name, "symbolic link")
-        moved = [p for p in (sp.root / "failed").iterdir() if p.name[13:] == name]
-        assert len(moved) == 1 and moved[0].is_symlink()  # the link itself, not its target
+        moved = originals(sp, "failed", name)
+        assert len(moved) == 1 and (sp.failed / moved[0]).is_symlink()  # the link itself, not its target
     assert target.read_bytes() == CLIP.read_bytes()
     if shadow_before is not None:
         assert shadow.read_bytes() == shadow_before
     assert not [p for p in sp.outbox.iterdir() if "shadow" in p.name]
 
 
-def test_fifo_socket_and_directory_are_refused_and_never_block(sp: Spool, stage: Path) -> None:
+def test_fifo_socket_and_directory_are_refused_and_never_block(sp: SpoolView, stage: Path) -> None:
     os.mkfifo(sp.inbox / "pipe.wav")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -441,10 +377,10 @@ def test_fifo_socket_and_directory_are_refused_and_never_block(sp: Spool, stage:
     src = stage / "after-fifo.ogg"  # the daemon is not blocked: the next file goes through
     shutil.copyfile(CLIP, src)
     sp.drop(src, "after-fifo.ogg")
-    sp.transcribed("after-fifo.ogg")
+    sp.transcribed("after-fifo.ogg", CLIP_TEXT)
 
 
-def test_file_the_service_user_cannot_read(sp: Spool, stage: Path) -> None:
+def test_file_the_service_user_cannot_read(sp: SpoolView, stage: Path) -> None:
     if not no_dac_prefix():
         pytest.skip("needs root and setpriv to take CAP_DAC_OVERRIDE away from the daemon")
     src = stage / "secret.ogg"
@@ -462,10 +398,10 @@ def test_file_the_service_user_cannot_read(sp: Spool, stage: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_file_still_being_appended_is_not_claimed(sp: Spool, stage: Path) -> None:
+def test_file_still_being_appended_is_not_claimed(sp: SpoolView, stage: Path) -> None:
     """A writer keeps the file open and appends every 0.5 s for 8 s (pauses < SMAPD_SETTLE_SECONDS):
     it stays in inbox/ until the writer closes it, and then the whole file is transcribed."""
-    src = helpers.write_speech_variant(CLIP2, stage / "slow-src.wav")
+    src = tk.write_speech_variant(CLIP2, stage / "slow-src.wav")
     data = src.read_bytes()
     path = sp.inbox / "slow-writer.wav"
     early: list[str] = []
@@ -496,7 +432,7 @@ def test_file_still_being_appended_is_not_claimed(sp: Spool, stage: Path) -> Non
     sp.transcribed("slow-writer.wav", CLIP2_TEXT, recall=0.8)
 
 
-def test_file_deleted_between_detection_and_claim(sp: Spool, stage: Path) -> None:
+def test_file_deleted_between_detection_and_claim(sp: SpoolView, stage: Path) -> None:
     """Seen by a scan (settling), deleted by its owner before it is ready: no report, no error, no crash."""
     path = sp.inbox / "changed-my-mind.ogg"
     with open(path, "wb") as f:
@@ -507,48 +443,48 @@ def test_file_deleted_between_detection_and_claim(sp: Spool, stage: Path) -> Non
     src = stage / "after-delete.ogg"
     shutil.copyfile(CLIP, src)
     sp.drop(src, "after-delete.ogg")
-    sp.transcribed("after-delete.ogg")
-    assert not [p for p in (sp.root / "failed").iterdir() if "changed-my-mind" in p.name]
-    assert not [p for p in (sp.root / "archive").iterdir() if "changed-my-mind" in p.name]
-    log = sp.node.log_text()
+    sp.transcribed("after-delete.ogg", CLIP_TEXT)
+    assert not originals(sp, "failed", "changed-my-mind.ogg") and not originals(sp, "archive", "changed-my-mind.ogg")
+    log = sp.nodes[0].log_text()
     assert "changed-my-mind" not in "\n".join(x for x in log.splitlines() if "ERROR" in x or "Traceback" in x)
 
 
-def test_file_replaced_under_the_same_name_after_claim(sp: Spool, stage: Path) -> None:
+def test_file_replaced_under_the_same_name_after_claim(sp: SpoolView, stage: Path) -> None:
     """The claimed original is safe in processing/; a new file under the same name is a new job,
     with its own outputs: each transcript matches its own content."""
     first = stage / "replaced-1.wav"
-    helpers.write_speech_variant(CLIP2, first)
+    tk.write_speech_variant(CLIP2, first)
     sp.drop(first, "replaced.wav")
-    assert helpers.wait_for(
+    assert tk.wait_for(
         lambda: (
-            any(p.name.startswith("replaced.wav__") for p in (sp.root / "processing").iterdir())
+            "replaced.wav" in sp.claims_of()
             or (sp.outbox / "replaced.report.json").exists()
         ),
         30,
     )
     second = stage / "replaced-2.wav"
-    helpers.write_speech_variant(CLIP, second)
+    tk.write_speech_variant(CLIP, second)
     sp.drop(second, "replaced.wav")
-    assert helpers.wait_for(
+    assert tk.wait_for(
         lambda: (
             (sp.outbox / "replaced.2.report.json").exists() and (sp.outbox / "replaced.report.json").exists()
         ),
         90,
     )
     texts = {s: (sp.outbox / f"{s}.txt").read_text() for s in ("replaced", "replaced.2")}
-    assert helpers.word_recall(CLIP2_TEXT, texts["replaced"]) >= 0.8, texts
-    assert helpers.word_recall(CLIP_TEXT, texts["replaced.2"]) >= 0.6, texts
-    assert len([p for p in os.listdir(sp.root / "archive") if p.endswith(".replaced.wav")]) == 2
+    assert tk.word_recall(CLIP2_TEXT, texts["replaced"]) >= 0.8, texts
+    assert tk.word_recall(CLIP_TEXT, texts["replaced.2"]) >= 0.6, texts
+    # the report is published first, then the original archived (the finish order)
+    assert tk.wait_for(lambda: len(originals(sp, "archive", "replaced.wav")) == 2, 10), sp.listdir("archive")
 
 
-def test_daemon_is_still_healthy(sp: Spool, stage: Path) -> None:
+def test_daemon_is_still_healthy(sp: SpoolView, stage: Path) -> None:
     """After everything above: alive, nothing stuck in processing/, no traceback in its log."""
-    assert sp.node.alive()
-    assert helpers.wait_for(lambda: not os.listdir(sp.root / "processing"), 30), os.listdir(
-        sp.root / "processing"
-    )
-    assert "Traceback" not in sp.node.log_text()
+    assert sp.nodes[0].alive()
+    assert tk.wait_for(lambda: not sp.claims(), 30), sp.claims()
+    assert "Traceback" not in sp.nodes[0].log_text()
+    # every file dropped above: in one place, one report each, outputs whole (DESIGN §1)
+    tk.assert_invariants(sp, complete=False, foreign=["collide.txt"])  # the test's own file
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,9 +502,9 @@ def test_size_and_duration_limits_fail_with_clear_errors(
         name="limits",
     )
     try:
-        big = helpers.write_noise_wav(tmp_path / "big.wav", 12)  # 384 kB of 12 s
+        big = tk.write_noise_wav(tmp_path / "big.wav", 12)  # 384 kB of 12 s
         sp.drop(big, "too-big.wav")
-        long = helpers.write_long_silence_flac(tmp_path / "long.flac", 60)  # small, but 60 s
+        long = tk.write_long_silence_flac(tmp_path / "long.flac", 60)  # small, but 60 s
         sp.drop(long, "too-long.flac")
         ok = tmp_path / "fine.ogg"
         shutil.copyfile(CLIP, ok)
@@ -576,6 +512,6 @@ def test_size_and_duration_limits_fail_with_clear_errors(
         r = sp.failed_with("too-big.wav", "SMAPD_MAX_FILE_BYTES=300,000")
         assert "384,044 bytes" in r["error"] or "bytes, over" in r["error"]
         sp.failed_with("too-long.flac", "longer than SMAPD_MAX_DURATION_SECONDS=20")
-        sp.transcribed("fine.ogg")
+        sp.transcribed("fine.ogg", CLIP_TEXT)
     finally:
-        node.terminate()
+        node.kill9()

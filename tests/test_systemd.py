@@ -1,7 +1,7 @@
 """install.sh and systemd/smapd.service, proven under a real systemd (issue 4).
 
 One namespace without systemd checks install.sh on a plain host (idempotent, `smapd` on PATH,
-uninstall, purge). One namespace with systemd 252 as PID 1 (tests/systemd_env.py) gets the
+uninstall, purge). One namespace with systemd 252 as PID 1 (testkit/systemd.py) gets the
 install; then, in file order: the unit verifies and scores well, `systemctl start` returns only
 once the daemon sent READY=1, a dropped file is transcribed, `systemctl status` shows STATUS=,
 reload works, `systemctl stop` during a job exits cleanly and loses nothing, a daemon that stops
@@ -23,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import systemd_env
-from systemd_env import Namespace, wait_for
+
+import testkit as tk
+from testkit import systemd as systemd_env
+from testkit.systemd import Namespace
+from testkit.systemd import wait_until as wait_for
 
 pytestmark = pytest.mark.systemd
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = tk.REPO
 
 
 def _source_tree() -> Path:
@@ -77,7 +80,7 @@ def _install_env() -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("SMAPD_", "VIRTUAL_ENV", "PYTHON", "CACHE_DIRECTORY"))
+        if not tk.scrubbed(k) and not k.startswith(("VIRTUAL_ENV", "PYTHON", "CACHE_DIRECTORY"))
     }
     env["PATH"] = ":".join(p for p in env.get("PATH", "/usr/bin:/bin").split(":") if "venv" not in p)
     return env

@@ -122,15 +122,16 @@ def _boot_script(workdir: Path, init: Sequence[str]) -> str:
 def _cgroup_dirs() -> set[Path]:
     if not CGROUP_ROOT.is_dir():
         return set()
-    found = set()
+    found: set[Path] = set()
     for hierarchy in CGROUP_ROOT.iterdir():
         if hierarchy.is_dir():
             found.update(p for p in hierarchy.rglob("*") if p.is_dir())
     return found
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
-    """Poll ``predicate`` until it returns something truthy; AssertionError naming ``what`` on timeout."""
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
+    """Poll ``predicate`` until it returns something truthy (that value); AssertionError naming ``what``
+    on timeout (unlike :func:`testkit.procs.wait_for`, which returns False)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -181,10 +182,10 @@ class Namespace:
                 start_new_session=True,
             )
         try:
-            found = wait_for(self._find_init, timeout, "the namespace's PID 1 to start")
+            found = wait_until(self._find_init, timeout, "the namespace's PID 1 to start")
             self.pid = int(found)  # type: ignore[call-overload]
             if self.systemd:
-                wait_for(self._booted, timeout, "systemd to finish booting in the namespace", interval=0.3)
+                wait_until(self._booted, timeout, "systemd to finish booting in the namespace", interval=0.3)
         except BaseException:
             self.close()
             raise
