@@ -1,7 +1,7 @@
 """A spool read from the outside, as a user or another machine sees it: drops, states, claims, reports.
 
-The names of claimed and finished entries are parsed in one place, :func:`parse_name`, after the
-format in DESIGN §1 and smapd/spool.py's docstring:
+The names of claimed and finished entries are parsed in one place, :func:`parse_name`, with the
+spool's own parser (smapd.spool.names: one definition of the format, DESIGN §1):
 
 - processing/: ``<orig>__<node>_<job>_a<attempt>_p<pid>[_t]`` (``_t``: ``<orig>`` was shortened);
 - archive/ and failed/: ``<job>.<orig>`` (``<orig>`` shortened when the whole would pass 243 bytes),
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import time
 from collections import defaultdict
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from smapd.spool import names
 from testkit.procs import wait_for
 from testkit.text import word_recall
 
@@ -31,11 +31,8 @@ if TYPE_CHECKING:
     from testkit.node import Node
 
 STATES = ("inbox", "processing", "archive", "failed")  # where a dropped file can be (DESIGN §1 inv. 1)
-REPORT_SUFFIX = ".report.json"
+REPORT_SUFFIX = names.REPORT_SUFFIX
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", "~")
-_CLAIM = re.compile(r"(?P<orig>.+)__(?P<node>[^_/]+)_(?P<job>[0-9a-f]{12})_a(?P<attempt>[0-9]+)"
-                    r"_p(?P<pid>[0-9]+)(?P<trunc>_t)?", re.DOTALL)
-_FINAL = re.compile(r"(?P<job>[0-9a-f]{12})\.(?P<orig>.+)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -62,15 +59,13 @@ def parse_name(state: str, name: str) -> Name | None:
         a stray file).
     """
     if state == "processing":
-        m = _CLAIM.fullmatch(name)
-        if m is None:
-            return None
-        return Name(m["orig"], m["job"], m["node"], int(m["attempt"]), int(m["pid"]), bool(m["trunc"]))
+        c = names.parse_claim(name)
+        return None if c is None else Name(c.original, c.job_id, c.node, c.attempt, c.pid, c.truncated)
     if state in ("archive", "failed"):
-        m = _FINAL.fullmatch(name)
-        if m is None or (state == "failed" and name.endswith(REPORT_SUFFIX)):
+        final = names.parse_final(name)
+        if final is None or (state == "failed" and name.endswith(REPORT_SUFFIX)):
             return None
-        return Name(m["orig"], m["job"])
+        return Name(final[1], final[0])
     raise ValueError(f"{state}/ names are not parsed (inbox/ names are the dropped names)")
 
 

@@ -12,13 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import helpers
 import pytest
-from test_spool import drop, finish_failed, spawn
 
 from smapd.errors import ClaimLost
 from smapd.spool import REPORT_SUFFIX, Spool
 from smapd.spool import claims as claims_mod
+from testkit import wait_for
+from testkit.spoolnode import drop, finish_failed, spawn
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def test_a_claim_refreshed_after_it_was_listed_as_stale_is_not_taken(root: Path)
     assert mine
     # a is hung from here on; b is another node with its own lease table
     b = Spool(root, "b", lease_seconds=0.4)
-    assert helpers.wait_for(b.recoverable, 5)
+    assert wait_for(b.recoverable, 5)
     [listed] = b.recoverable()
     a.heartbeat(mine)  # the owner wakes up
     assert b.recover(listed) is None
@@ -107,7 +107,7 @@ def test_many_nodes_recovering_one_stale_claim_exactly_one_wins(root: Path) -> N
     drop(a, "contested.wav")
     mine = a.claim("contested.wav")
     assert mine
-    assert helpers.wait_for(lambda: Spool(root, "probe", lease_seconds=0.3).recoverable(), 5)
+    assert wait_for(lambda: Spool(root, "probe", lease_seconds=0.3).recoverable(), 5)
     start = time.time() + 1.5  # after every interpreter has started
     procs = [subprocess.Popen([sys.executable, "-c", RECOVER, str(root), f"r{i}", str(start)], cwd=REPO,
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -127,7 +127,7 @@ def test_fail_after_a_takeover_writes_no_report_and_keeps_the_new_owners_claim(r
     mine = a.claim("f.wav")
     assert mine
     b = Spool(root, "b", lease_seconds=0.3)
-    assert helpers.wait_for(b.recoverable, 5)
+    assert wait_for(b.recoverable, 5)
     theirs = b.recover(b.recoverable()[0])
     assert theirs
     with pytest.raises(ClaimLost):
