@@ -17,14 +17,14 @@ import signal
 import subprocess
 import tempfile
 import wave
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from smapd.errors import ChunkError, ChunkTimeout, ConfigError
-from smapd.models import Segment, Word
+from smapd.models import DecodeSignals, Segment, Word
 
 _SENTENCE_END = (".", "?", "!", "。", "？", "！")
 _PREPEND = "\"'“¿([{-"
@@ -33,11 +33,31 @@ _APPEND = "\"'.。,，!！?？:：”)]}、"
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """What a chunk is decoded with; the same for every chunk of a file."""
+    """What a chunk is decoded with."""
 
-    language: str | None = None  # None: detect (only used when no file-level language is known)
+    language: str | None = None  # None: detect from the chunk's own encoder pass
     task: str = "transcribe"
     beam_size: int = 5
+    # True: ``language`` is only a prior; the chunk's own detection overrides it when it is sure
+    # (SWITCH_PROBABILITY, SWITCH_SPEECH_SECONDS), so a recording that changes language is followed.
+    follow_language: bool = False
+    # > beam_size: re-decode with this beam the chunks whose first decode is in doubt (DOUBT_LOGPROB).
+    doubt_beam_size: int = 0
+
+
+SWITCH_PROBABILITY = 0.7  # a chunk leaves the file's language only when its detector is this sure...
+SWITCH_SPEECH_SECONDS = 3.0  # ... and it has this much speech (short chunks follow the file)
+SAMPLING_SEED = 1  # the temperature fallback samples; a fixed seed keeps transcripts reproducible
+DOUBT_LOGPROB = -0.6  # a decode below this mean log-probability is in doubt (Whisper gives up at -1.0)
+
+
+@dataclass(frozen=True)
+class Transcribed:
+    """One chunk's decode: segments (chunk time), the language used, and the decoder's signals."""
+
+    segments: tuple[Segment, ...]
+    language: tuple[str, float] | None = None  # decoded in, and the detector's probability for it
+    signals: DecodeSignals | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +74,8 @@ class EngineSpec:
 
 
 class Engine(Protocol):
-    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> list[Segment]: ...
+    def transcribe(self, audio: np.ndarray, options: DecodeOptions,
+                   speech: tuple[tuple[float, float], ...] = ()) -> Transcribed: ...
 
     def detect_language(self, audio: np.ndarray) -> tuple[str, float]: ...
 
@@ -104,7 +125,7 @@ class FasterWhisperEngine:
         return token[2:-2], float(prob)
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions,
-                   speech: tuple[tuple[float, float], ...] = ()) -> list[Segment]:
+                   speech: tuple[tuple[float, float], ...] = ()) -> Transcribed:
         """Decode one chunk; ``speech`` (chunk-relative VAD spans) lets us catch a decoder that stops early.
 
         Without timestamp tokens Whisper sometimes ends its output at a long pause and drops the
@@ -112,64 +133,90 @@ class FasterWhisperEngine:
         aligned word covers, that stretch is decoded again as its own window (at most twice).
         """
         duration = len(audio) / 16000
-        self.detected: tuple[str, float] | None = None
-        words, text, language = self._decode_window(audio, options, options.language)
+        encoder_output, frames = self._encode(audio)
+        language = self._language(encoder_output, options, sum(e - s for s, e in speech) if speech else duration)
+        words, text, signals = self._decode_window(encoder_output, frames, duration, options, language[0])
         texts = [text]
+        windows = 1
         for _ in range(2):
             gap = _uncovered_speech(words, speech, duration)
             if gap is None:
                 break
             a, b = gap
-            part, text, language = self._decode_window(audio[int(a * 16000):int(b * 16000)], options, language)
+            part_audio = audio[int(a * 16000):int(b * 16000)]
+            part_out, part_frames = self._encode(part_audio)
+            part, text, _ = self._decode_window(part_out, part_frames, len(part_audio) / 16000, options, language[0])
+            windows += 1
             part = [Word(round(w.start + a, 3), round(min(w.end + a, b), 3), w.text, w.probability) for w in part]
             if not part:
                 break
             words = sorted([w for w in words if w.end <= a or w.start >= b] + part, key=lambda w: w.start)
             texts.append(text)
-        return _words_to_segments(_clamp_long_words(words), " ".join(texts), duration)
+        segments = _words_to_segments(_clamp_long_words(words), " ".join(texts), duration)
+        return Transcribed(tuple(segments), language, replace(signals, windows=windows))
 
-    def _decode_window(self, audio: np.ndarray, options: DecodeOptions,
-                       language: str | None) -> tuple[list[Word], str, str]:
+    def _language(self, encoder_output: Any, options: DecodeOptions, speech_seconds: float) -> tuple[str, float]:
+        """The language to decode in, from the chunk's own encoder pass (one decoder step)."""
+        if options.language is not None and not options.follow_language:
+            return options.language, 1.0
+        ranked = [(token[2:-2], float(p)) for token, p in self.model.model.detect_language(encoder_output)[0]]
+        top, p_top = ranked[0]
+        prior = options.language
+        if prior is None or top == prior or (p_top >= SWITCH_PROBABILITY and speech_seconds >= SWITCH_SPEECH_SECONDS):
+            return top, round(p_top, 4)
+        return prior, round(dict(ranked).get(prior, 0.0), 4)
+
+    def _decode_window(self, encoder_output: Any, frames: int, duration: float, options: DecodeOptions,
+                       language: str) -> tuple[list[Word], str, DecodeSignals]:
+        import ctranslate2
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens, merge_punctuations
 
-        encoder_output, frames = self._encode(audio)
-        if language is None:  # detect from the encoder pass we need anyway
-            token, prob = self.model.model.detect_language(encoder_output)[0][0]
-            language = token[2:-2]
-            self.detected = (language, round(float(prob), 4))
         tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual,
                               task=options.task, language=language)
         prompt = self.model.get_prompt(tokenizer, [], without_timestamps=True)
         suppress = get_suppressed_tokens(tokenizer, (-1,))
-        best: tuple[float, list[int]] | None = None
-        # Whisper's temperature fallback: re-decode when the text loops or is improbable.
-        for temperature in (0.0, 0.4, 0.8):  # Whisper's ladder, thinned: each rung is a full decode
-            sampling = {"beam_size": options.beam_size, "patience": 1.0} if temperature == 0 else {
+        best: tuple[float, list[int], DecodeSignals] | None = None
+        # Whisper's temperature fallback, thinned (each rung is a full decode): re-decode when the
+        # text loops or is improbable. An optional wider beam comes first for decodes in doubt.
+        rungs: list[tuple[int, float]] = [(options.beam_size, 0.0)]
+        if options.doubt_beam_size > options.beam_size:
+            rungs.append((options.doubt_beam_size, 0.0))
+        rungs += [(1, 0.4), (1, 0.8)]
+        # Speech runs below ~6 tokens a second: a longer output is a loop, not worth its decoder time.
+        max_length = min(448, len(prompt) + 32 + int(10 * duration))
+        for i, (beam, temperature) in enumerate(rungs):
+            sampling = {"beam_size": beam, "patience": 1.0} if temperature == 0 else {
                 "beam_size": 1, "sampling_topk": 0, "sampling_temperature": temperature}
+            if temperature:
+                ctranslate2.set_random_seed(SAMPLING_SEED)  # the same file gives the same text every run
             result = self.model.model.generate(
-                encoder_output, [prompt], max_length=448, return_scores=True, return_no_speech_prob=True,
+                encoder_output, [prompt], max_length=max_length, return_scores=True, return_no_speech_prob=True,
                 suppress_blank=True, suppress_tokens=suppress, **sampling)[0]
             tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            ratio = get_compression_ratio(tokenizer.decode(tokens).strip()) if tokens else 0.0
+            signals = DecodeSignals(avg_logprob=round(avg_logprob, 4), compression_ratio=round(ratio, 3),
+                                    no_speech_prob=round(result.no_speech_prob, 4), temperature=temperature,
+                                    beam_size=beam)
             if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
-                return [], "", language  # Whisper's own silence rule: no speech, say nothing
-            looping = get_compression_ratio(tokenizer.decode(tokens).strip()) > 2.4
+                return [], "", signals  # Whisper's own silence rule: no speech, say nothing
+            looping = ratio > 2.4
             if best is None or (not looping and avg_logprob > best[0]):
-                best = (avg_logprob if not looping else -1e9, tokens)
-            if not looping and avg_logprob >= -1.0:
+                best = (avg_logprob if not looping else -1e9, tokens, signals)
+            in_doubt = i == 0 and len(rungs) == 4 and avg_logprob < DOUBT_LOGPROB
+            if not looping and avg_logprob >= -1.0 and not in_doubt:
                 break
         assert best is not None
-        tokens = best[1]
+        _, tokens, signals = best
         if not tokens:
-            return [], "", language
-        duration = len(audio) / 16000
+            return [], "", signals
         alignment = self.model.find_alignment(tokenizer, [tokens], encoder_output, frames)[0]
         merge_punctuations(alignment, _PREPEND, _APPEND)
         words = [Word(round(float(a["start"]), 3), round(float(min(a["end"], duration)), 3), a["word"],
                       round(float(a["probability"]), 3))
                  for a in alignment if a["word"]]
-        return words, tokenizer.decode(tokens), language
+        return words, tokenizer.decode(tokens), signals
 
 
 def _uncovered_speech(words: list[Word], speech: tuple[tuple[float, float], ...],
@@ -252,7 +299,7 @@ class CommandEngine:
             except ProcessLookupError:
                 pass
 
-    def run(self, audio: np.ndarray, options: DecodeOptions, timeout: float) -> list[Segment]:
+    def run(self, audio: np.ndarray, options: DecodeOptions, timeout: float) -> Transcribed:
         """Run the program on one chunk; kill its whole process group at ``timeout``."""
         with tempfile.TemporaryDirectory(prefix="smapd-cmd-") as tmp:
             wav = Path(tmp) / "chunk.wav"
@@ -285,4 +332,5 @@ class CommandEngine:
             if not out.is_file():
                 raise ChunkError(f"{argv[0]} wrote no {{output_base}}.txt")
             text = " ".join(out.read_text(errors="replace").split())
-        return [Segment(0.0, round(len(audio) / 16000, 3), text)] if text else []
+        return Transcribed((Segment(0.0, round(len(audio) / 16000, 3), text),) if text else (),
+                           (options.language, 1.0) if options.language else None)
