@@ -312,6 +312,7 @@ def silence_chunks(samples: np.ndarray, limit: float, *, probs: np.ndarray | Non
 
 PACK_GAP = 2.0  # a pause with no voice for longer than this is shortened ...
 PACK_PAD = 0.4  # ... to its first and last PACK_PAD seconds (breath, room tone stay in)
+CHUNK_BREAK = 10.0  # a pause this long always ends a chunk
 _STREAM_BLOCK = FRAME * 960  # VAD ~30 s at a time, so the first chunks start while the rest is analysed
 
 
@@ -349,6 +350,8 @@ def packed_chunks(probs: np.ndarray, limit: float, *, origin: float = 0.0, end: 
     where = np.concatenate([np.arange(_frames(a), max(_frames(a) + 1, _frames(b))) for a, b in pieces])
     joined = probs[np.minimum(where, len(probs) - 1)]
     seams = np.flatnonzero(np.diff(where) > 1) + 1  # first joined frame after a removed pause
+    # A long silence ends a chunk: what follows is often another speaker, scene or language.
+    walls = seams[(where[seams] - where[seams - 1]) * FRAME / RATE >= CHUNK_BREAK]
     smooth = np.convolve(joined, np.ones(31) / 31, mode="same")
     smooth[seams] = -0.05  # a removed pause: the best cut there is
     step = FRAME / RATE
@@ -357,7 +360,10 @@ def packed_chunks(probs: np.ndarray, limit: float, *, origin: float = 0.0, end: 
     chunks: list[Chunk] = []
     pos = 0
     while pos < n:
-        if n - pos <= limit / step:
+        wall = next((int(w) for w in walls if pos < w <= pos + limit / step), None)
+        if wall is not None:
+            cut = wall
+        elif n - pos <= limit / step:
             if not final:
                 break
             cut = n

@@ -48,6 +48,8 @@ class DecodeOptions:
 SWITCH_PROBABILITY = 0.7  # a chunk leaves the file's language only when its detector is this sure...
 SWITCH_SPEECH_SECONDS = 3.0  # ... and it has this much speech (short chunks follow the file)
 SAMPLING_SEED = 1  # the temperature fallback samples; a fixed seed keeps transcripts reproducible
+NO_SPEECH_PROB = 0.6  # Whisper's no_speech_threshold ...
+LOGPROB_FLOOR = -1.0  # ... and its logprob_threshold: below it a decode is retried at a higher temperature
 DOUBT_LOGPROB = -0.6  # a decode below this mean log-probability is in doubt (Whisper gives up at -1.0)
 
 
@@ -138,17 +140,20 @@ class FasterWhisperEngine:
         words, text, signals = self._decode_window(encoder_output, frames, duration, options, language[0])
         texts = [text]
         windows = 1
-        for _ in range(2):
+        # Whisper judged the whole window to hold no speech (tones, music, noise that the VAD let
+        # through): re-decoding a stretch of it on its own only invites invented text.
+        for _ in range(0 if _no_speech(signals) else 2):
             gap = _uncovered_speech(words, speech, duration)
             if gap is None:
                 break
             a, b = gap
             part_audio = audio[int(a * 16000):int(b * 16000)]
             part_out, part_frames = self._encode(part_audio)
-            part, text, _ = self._decode_window(part_out, part_frames, len(part_audio) / 16000, options, language[0])
+            part, text, part_signals = self._decode_window(part_out, part_frames, len(part_audio) / 16000, options,
+                                                           language[0])
             windows += 1
             part = [Word(round(w.start + a, 3), round(min(w.end + a, b), 3), w.text, w.probability) for w in part]
-            if not part:
+            if not part or part_signals.no_speech_prob > NO_SPEECH_PROB:  # a second chance, not a second guess
                 break
             words = sorted([w for w in words if w.end <= a or w.start >= b] + part, key=lambda w: w.start)
             texts.append(text)
@@ -199,13 +204,13 @@ class FasterWhisperEngine:
             signals = DecodeSignals(avg_logprob=round(avg_logprob, 4), compression_ratio=round(ratio, 3),
                                     no_speech_prob=round(result.no_speech_prob, 4), temperature=temperature,
                                     beam_size=beam)
-            if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
+            if _no_speech(signals):
                 return [], "", signals  # Whisper's own silence rule: no speech, say nothing
             looping = ratio > 2.4
             if best is None or (not looping and avg_logprob > best[0]):
                 best = (avg_logprob if not looping else -1e9, tokens, signals)
             in_doubt = i == 0 and len(rungs) == 4 and avg_logprob < DOUBT_LOGPROB
-            if not looping and avg_logprob >= -1.0 and not in_doubt:
+            if not looping and avg_logprob >= LOGPROB_FLOOR and not in_doubt:
                 break
         assert best is not None
         _, tokens, signals = best
@@ -217,6 +222,11 @@ class FasterWhisperEngine:
                       round(float(a["probability"]), 3))
                  for a in alignment if a["word"]]
         return words, tokenizer.decode(tokens), signals
+
+
+def _no_speech(signals: DecodeSignals) -> bool:
+    """Whisper's silence rule: the window probably holds no speech and the text is improbable."""
+    return signals.no_speech_prob > NO_SPEECH_PROB and signals.avg_logprob < LOGPROB_FLOOR
 
 
 def _uncovered_speech(words: list[Word], speech: tuple[tuple[float, float], ...],

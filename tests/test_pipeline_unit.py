@@ -50,6 +50,9 @@ def test_packed_chunks_drop_long_pauses_and_never_cut_speech() -> None:
     kept = [(a, b) for c in chunks for a, b in c.pieces]
     for s, e in spans:  # every sentence lies whole inside one piece
         assert any(a <= s and e <= b for a, b in kept), (s, e)
+    # a pause of CHUNK_BREAK seconds always ends a chunk
+    gap = probs([(1.0, 20.0), (20.0 + audio.CHUNK_BREAK, 30.0 + audio.CHUNK_BREAK)], 31.0 + audio.CHUNK_BREAK)
+    assert len(audio.packed_chunks(gap, 30.0)[0]) == 2
     # the windows hold more speech than cutting the plain audio does
     assert len(chunks) < len(audio.silence_chunks(np.zeros(int(duration * audio.RATE), dtype=np.int16), 30.0,
                                                    probs=probs(spans, duration)))
@@ -57,9 +60,9 @@ def test_packed_chunks_drop_long_pauses_and_never_cut_speech() -> None:
 
 def test_packed_chunks_keep_quiet_speech_and_skip_noise_only_audio() -> None:
     p = probs([(1.0, 8.0)], 40.0)
-    p[int(20 / STEP):int(26 / STEP)] = 0.2  # a soft voice: never above the VAD threshold
+    p[int(14 / STEP):int(20 / STEP)] = 0.2  # a soft voice: never above the VAD threshold
     chunks, _ = audio.packed_chunks(p, 30.0)
-    assert any(a <= 20.5 and 25.5 <= b for c in chunks for a, b in c.pieces), "the quiet stretch was dropped"
+    assert any(a <= 14.5 and 19.5 <= b for c in chunks for a, b in c.pieces), "the quiet stretch was dropped"
     assert audio.packed_chunks(probs([], 60.0, quiet=0.3), 30.0)[0] == []
 
 
