@@ -143,17 +143,18 @@ class FasterWhisperEngine:
         # Whisper judged the whole window to hold no speech (tones, music, noise that the VAD let
         # through): re-decoding a stretch of it on its own only invites invented text.
         for _ in range(0 if _no_speech(signals) else 2):
-            gap = _uncovered_speech(words, speech, duration)
+            # Clamped first: the aligner stretches the few words of a decoder that gave up over the
+            # whole window, which would hide the speech it skipped.
+            gap = _uncovered_speech(_clamp_long_words(words), speech, duration)
             if gap is None:
                 break
             a, b = gap
             part_audio = audio[int(a * 16000):int(b * 16000)]
             part_out, part_frames = self._encode(part_audio)
-            part, text, part_signals = self._decode_window(part_out, part_frames, len(part_audio) / 16000, options,
-                                                           language[0])
+            part, text, _ = self._decode_window(part_out, part_frames, len(part_audio) / 16000, options, language[0])
             windows += 1
             part = [Word(round(w.start + a, 3), round(min(w.end + a, b), 3), w.text, w.probability) for w in part]
-            if not part or part_signals.no_speech_prob > NO_SPEECH_PROB:  # a second chance, not a second guess
+            if not part:
                 break
             words = sorted([w for w in words if w.end <= a or w.start >= b] + part, key=lambda w: w.start)
             texts.append(text)
