@@ -207,7 +207,7 @@ class FasterWhisperEngine:
                                     beam_size=beam)
             if _no_speech(signals):
                 return [], "", signals  # Whisper's own silence rule: no speech, say nothing
-            looping = ratio > 2.4
+            looping = ratio > 2.4 or _stutters(tokens)
             if best is None or (not looping and avg_logprob > best[0]):
                 best = (avg_logprob if not looping else -1e9, tokens, signals)
             in_doubt = i == 0 and len(rungs) == 4 and avg_logprob < DOUBT_LOGPROB
@@ -223,6 +223,21 @@ class FasterWhisperEngine:
                       round(float(a["probability"]), 3))
                  for a in alignment if a["word"]]
         return words, tokenizer.decode(tokens), signals
+
+
+def _stutters(tokens: list[int], times: int = 6, period: int = 8) -> bool:
+    """A run of one short token pattern repeated ``times`` times ("r-r-r-r-...", "or, or, or, ...").
+
+    Such a loop inside otherwise good text keeps the whole window's compression ratio under
+    Whisper's 2.4, so it would be kept; a fallback decode usually gets past it.
+    """
+    for p in range(1, period + 1):
+        run = 0
+        for i in range(p, len(tokens)):
+            run = run + 1 if tokens[i] == tokens[i - p] else 0
+            if run >= max(10, p * (times - 1)):
+                return True
+    return False
 
 
 def _no_speech(signals: DecodeSignals) -> bool:
