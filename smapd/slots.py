@@ -16,7 +16,8 @@ import time
 from typing import Protocol
 
 from smapd import worker as wire
-from smapd.engine import CommandEngine, EngineSpec, kill_group
+from smapd.command import CommandEngine, kill_group
+from smapd.engine import EngineSpec
 from smapd.errors import ChunkError, ChunkTimeout, ConfigError, WorkerDied
 from smapd.worker import Failed, Reply, Stats, TranscribeRequest
 
