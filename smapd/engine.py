@@ -33,8 +33,6 @@ class DecodeOptions:
     # True: ``language`` is only a prior; the chunk's own detection overrides it when it is sure
     # (SWITCH_PROBABILITY, SWITCH_SPEECH_SECONDS), so a recording that changes language is followed.
     follow_language: bool = False
-    # > beam_size: re-decode with this beam the chunks whose first decode is in doubt (DOUBT_LOGPROB).
-    doubt_beam_size: int = 0
 
 
 SWITCH_PROBABILITY = 0.7  # a chunk leaves the file's language only when its detector is this sure...
@@ -42,7 +40,6 @@ SWITCH_SPEECH_SECONDS = 3.0  # ... and it has this much speech (short chunks fol
 SAMPLING_SEED = 1  # the temperature fallback samples; a fixed seed keeps transcripts reproducible
 NO_SPEECH_PROB = 0.6  # Whisper's no_speech_threshold ...
 LOGPROB_FLOOR = -1.0  # ... and its logprob_threshold: below it a decode is retried at a higher temperature
-DOUBT_LOGPROB = -0.6  # a decode below this mean log-probability is in doubt (Whisper gives up at -1.0)
 
 
 @dataclass(frozen=True)
@@ -176,14 +173,11 @@ class FasterWhisperEngine:
         suppress = get_suppressed_tokens(tokenizer, (-1,))
         best: tuple[float, list[int], DecodeSignals] | None = None
         # Whisper's temperature fallback, thinned (each rung is a full decode): re-decode when the
-        # text loops or is improbable. An optional wider beam comes first for decodes in doubt.
-        rungs: list[tuple[int, float]] = [(options.beam_size, 0.0)]
-        if options.doubt_beam_size > options.beam_size:
-            rungs.append((options.doubt_beam_size, 0.0))
-        rungs += [(1, 0.4), (1, 0.8)]
+        # text loops or is improbable.
+        rungs: list[tuple[int, float]] = [(options.beam_size, 0.0), (1, 0.4), (1, 0.8)]
         # Speech runs below ~6 tokens a second: a longer output is a loop, not worth its decoder time.
         max_length = min(448, len(prompt) + 32 + int(10 * duration))
-        for i, (beam, temperature) in enumerate(rungs):
+        for beam, temperature in rungs:
             sampling = {"beam_size": beam, "patience": 1.0} if temperature == 0 else {
                 "beam_size": 1, "sampling_topk": 0, "sampling_temperature": temperature}
             if temperature:
@@ -202,8 +196,7 @@ class FasterWhisperEngine:
             looping = ratio > 2.4 or _stutters(tokens)
             if best is None or (not looping and avg_logprob > best[0]):
                 best = (avg_logprob if not looping else -1e9, tokens, signals)
-            in_doubt = i == 0 and len(rungs) == 4 and avg_logprob < DOUBT_LOGPROB
-            if not looping and avg_logprob >= LOGPROB_FLOOR and not in_doubt:
+            if not looping and avg_logprob >= LOGPROB_FLOOR:
                 break
         assert best is not None
         _, tokens, signals = best

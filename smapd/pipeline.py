@@ -34,7 +34,6 @@ class PipelineOptions:
     chunk_seconds: float = 30.0
     max_seconds: float = float("inf")
     pack: bool = True  # join a chunk's live stretches without the long pauses (fewer encoder passes)
-    doubt_beam_size: int = 0  # > beam_size: re-decode doubtful chunks with this beam
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
             window, speech = _window(chunk, decoded.float32)
             return TranscribeRequest(window, DecodeOptions(
                 language=prior, task=options.task, beam_size=options.beam_size,
-                follow_language=language is None and forced is None, doubt_beam_size=options.doubt_beam_size),
+                follow_language=language is None and forced is None),
                 speech)
         return build
 
