@@ -150,7 +150,14 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
                 speech)
         return build
 
+    early: list[tuple[Chunk, str]] | None = []  # chunks that started before the plan was complete
+    lock = threading.Lock()
+
     def started(chunk: Chunk, worker: str) -> None:
+        with lock:
+            if early is not None:  # say "[1/14]", not "[1/1]": wait until the total is known
+                early.append((chunk, worker))
+                return
         log.info("[{}/{}] Transcribing chunk {} ({:.1f}-{:.1f} s) on {}", chunk.index, len(chunks), chunk.index,
                  chunk.start, chunk.end, worker)
         notify(Progress("started", len(chunks), done, chunk=chunk, worker=worker))
@@ -169,6 +176,10 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     log.info("{}: {:.1f} s of audio, {:.1f} s of speech in {} chunks", job, decoded.info.duration, speech,
              len(chunks))
     notify(Progress("planned", len(chunks), done))
+    with lock:
+        waiting, early = early or [], None
+    for chunk, worker in waiting:
+        started(chunk, worker)
 
     results: dict[int, ChunkResult] = {}
     try:

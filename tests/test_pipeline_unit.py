@@ -99,6 +99,8 @@ class FakePool:
         self.requests: list[tuple[int, TranscribeRequest]] = []
 
     def submit(self, key: str, chunk: Chunk, request: Any, on_start: Any = None) -> Future:
+        if on_start is not None:
+            on_start(chunk, "w1")
         req = request()
         self.requests.append((chunk.index, req))
         language = self.script(chunk, req)
@@ -155,3 +157,19 @@ def test_a_forced_language_is_never_detected(monkeypatch: pytest.MonkeyPatch) ->
     transcript, requests = run(monkeypatch, plan(20, 20), lambda c, r: (r.options.language, 1.0), language="fr")
     assert transcript.language == "fr" and all(r.options.language == "fr" and not r.options.follow_language
                                                for _, r in requests)
+
+
+def test_progress_and_log_lines_carry_the_final_chunk_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), format="{message}")
+    events: list[pipeline.Progress] = []
+    monkeypatch.setattr(pipeline, "_plan", lambda decoded, options: iter(plan(20, 20, 20)))
+    try:
+        pipeline.run(DATA / "ljspeech-LJ001-0001.wav", FakePool(lambda c, r: ("en", 0.99)),  # type: ignore[arg-type]
+                     pipeline.PipelineOptions(), on_progress=events.append)
+    finally:
+        logger.remove(sink)
+    assert [ln for ln in lines if "Transcribing chunk" in ln][0].startswith("[1/3] Transcribing chunk 1 (")
+    assert [e.kind for e in events][:1] == ["planned"] and {e.total for e in events} == {3}
