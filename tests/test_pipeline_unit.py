@@ -171,5 +171,5 @@ def test_progress_and_log_lines_carry_the_final_chunk_count(monkeypatch: pytest.
                      pipeline.PipelineOptions(), on_progress=events.append)
     finally:
         logger.remove(sink)
-    assert [ln for ln in lines if "Transcribing chunk" in ln][0].startswith("[1/3] Transcribing chunk 1 (")
+    assert next(ln for ln in lines if "Transcribing chunk" in ln).startswith("[1/3] Transcribing chunk 1 (")
     assert [e.kind for e in events][:1] == ["planned"] and {e.total for e in events} == {3}
