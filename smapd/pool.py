@@ -225,6 +225,7 @@ class Pool:
         started = time.monotonic()
         cpu = 0.0
         last_error = ""
+        broken = False  # the slot must be restarted before it serves again
         for attempt in range(1, self.retries + 2):
             task.attempts = attempt
             task.started = time.monotonic()
@@ -238,10 +239,10 @@ class Pool:
                     last_error = "the pool was shut down while this chunk ran"
                     break
                 logger.warning("{}: {} (attempt {}/{})", _label(task), e, attempt, self.retries + 1)
-                try:
-                    slot.restart()
-                except ConfigError as boot_error:
-                    logger.error("worker {} could not be restarted: {}", slot.name, boot_error)
+                broken = True
+                if attempt <= self.retries:
+                    self._restart(slot)
+                    broken = False
                 continue
             except ChunkError as e:
                 last_error = str(e)
@@ -254,6 +255,15 @@ class Pool:
             self._settle(task, reply, ChunkStatus.OK, attempt, started, slot, cpu)
             return
         self._settle(task, None, ChunkStatus.FAILED, task.attempts, started, slot, cpu, last_error)
+        if broken and not self._closing:  # after the result: a failed chunk need not wait for a model load
+            self._restart(slot)
+
+    @staticmethod
+    def _restart(slot: Slot) -> None:
+        try:
+            slot.restart()
+        except ConfigError as boot_error:
+            logger.error("worker {} could not be restarted: {}", slot.name, boot_error)
 
     @staticmethod
     def _settle(task: _Task, reply: Reply | None, status: ChunkStatus, attempts: int, started: float, slot: Slot,

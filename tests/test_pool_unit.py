@@ -200,3 +200,16 @@ def test_close_cancels_what_waits() -> None:
     pool.close()
     assert waiting.cancelled()
     assert running.result(timeout=5).status is ChunkStatus.OK
+
+
+def test_the_last_failed_attempt_is_reported_before_the_slot_reloads() -> None:
+    def script(slot: FakeSlot, req: TranscribeRequest) -> Reply:
+        raise ChunkTimeout("late")
+
+    futures = []
+    seen_done: list[bool] = []
+    with make_pool(script, retries=0) as pool:
+        pool.fakes[0].restart = lambda: seen_done.append(futures[0].done())  # type: ignore[attr-defined]
+        futures.append(pool.transcribe("job", chunk(1), lambda: AUDIO, DecodeOptions()))
+        assert futures[0].result(timeout=5).status is ChunkStatus.FAILED
+    assert seen_done == [True], "the failure waited for a model load"
