@@ -7,11 +7,14 @@ copy it needs never exceeds one block.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +93,7 @@ def decode(path: Path, *, max_seconds: float = float("inf")) -> Decoded:
         raise _open_error(path, e) from e
     with container:
         if not container.streams.audio:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            kinds: list[str] = sorted({str(s.type) for s in container.streams}) or ["none"]
             raise PermanentJobError(f"the file has no audio track (streams: {', '.join(kinds)})")
         stream = container.streams.audio[0]
         ctx = stream.codec_context
@@ -176,11 +179,16 @@ def level_speech(samples: np.ndarray, *, target: float = 0.05, max_gain: float =
 
 # --- VAD ---------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
+def _vad_model() -> Any:
+    from faster_whisper.vad import get_vad_model  # builds a new ONNX session on every call
+
+    return get_vad_model()
+
+
 def speech_probabilities(samples: np.ndarray) -> np.ndarray:
     """Silero VAD speech probability for every 32 ms frame of the audio."""
-    from faster_whisper.vad import get_vad_model  # lru_cached: loaded once per process
-
-    model = get_vad_model()
+    model = _vad_model()
     probs = []
     for start in range(0, len(samples), _VAD_BLOCK):
         block = samples[start:start + _VAD_BLOCK].astype(np.float32) / 32768.0
@@ -300,26 +308,108 @@ def silence_chunks(samples: np.ndarray, limit: float, *, probs: np.ndarray | Non
     return chunks
 
 
+# --- packed chunks, streamed -------------------------------------------------------------------
+
+PACK_GAP = 2.0  # a pause with no voice for longer than this is shortened ...
+PACK_PAD = 0.4  # ... to its first and last PACK_PAD seconds (breath, room tone stay in)
+CHUNK_BREAK = 10.0  # a pause this long always ends a chunk
+_STREAM_BLOCK = FRAME * 960  # VAD ~30 s at a time, so the first chunks start while the rest is analysed
+
+
+def _pieces(probs: np.ndarray, origin: float, end: float) -> list[tuple[float, float]]:
+    """The live stretches of [origin, end] (file time)."""
+    return [(round(a + origin, 3), round(b + origin, 3))
+            for a, b in _live_stretches(probs[_frames(origin):], end - origin, dead=PACK_GAP, pad=PACK_PAD)]
+
+
+def _frames(t: float) -> int:
+    return round(t * RATE / FRAME)
+
+
+def packed_chunks(probs: np.ndarray, limit: float, *, origin: float = 0.0, end: float | None = None,
+                  final: bool = True) -> tuple[list[Chunk], float]:
+    """Chunks of up to ``limit`` seconds of live audio each, from ``origin`` on.
+
+    A chunk is a run of live stretches (``Chunk.pieces``) joined without the long pauses between
+    them, so a 30 s window holds up to 30 s of voice rather than 20 s of voice and 10 s of silence:
+    a recording needs fewer encoder passes. On the joined audio the cut falls where speech is least
+    likely (as in ``silence_chunks``), a removed pause counting as the surest silence; a chunk
+    without one confident stretch of speech is noise and is skipped. With ``final=False`` (more
+    audio is coming) only chunks that the audio after ``end`` cannot change are returned.
+
+    Returns:
+        The chunks (indices from 1) and the file time to resume from.
+    """
+    end = len(probs) * FRAME / RATE if end is None else end
+    pieces = _pieces(probs, origin, end)
+    if not final:
+        pieces = pieces[:-1]  # the stretch that reaches ``end`` may still grow
+    if not pieces:
+        return [], (end if final else origin)
+    # The joined audio, frame by frame: its VAD probabilities and which file frame each one is.
+    where = np.concatenate([np.arange(_frames(a), max(_frames(a) + 1, _frames(b))) for a, b in pieces])
+    joined = probs[np.minimum(where, len(probs) - 1)]
+    seams = np.flatnonzero(np.diff(where) > 1) + 1  # first joined frame after a removed pause
+    # A long silence ends a chunk: what follows is often another speaker, scene or language.
+    walls = seams[(where[seams] - where[seams - 1]) * FRAME / RATE >= CHUNK_BREAK]
+    smooth = np.convolve(joined, np.ones(31) / 31, mode="same")
+    smooth[seams] = -0.05  # a removed pause: the best cut there is
+    step = FRAME / RATE
+    total, n = len(joined) * step, len(joined)
+    regions = [(a + origin, b + origin) for a, b in speech_regions(probs[_frames(origin):_frames(end)])]
+    chunks: list[Chunk] = []
+    pos = 0
+    while pos < n:
+        wall = next((int(w) for w in walls if pos < w <= pos + limit / step), None)
+        if wall is not None:
+            cut = wall
+        elif n - pos <= limit / step:
+            if not final:
+                break
+            cut = n
+        else:
+            lo, hi = pos + int(limit / 2 / step), pos + int(limit / step)
+            score = smooth[lo:hi] + 0.3 * (1.0 - np.arange(hi - lo) / (hi - lo))  # prefer fuller windows
+            cut = lo + int(np.argmin(score))
+        frames = where[pos:cut]
+        breaks = np.flatnonzero(np.diff(frames) > 1) + 1
+        group = [(round(int(f[0]) * step, 3), round(min((int(f[-1]) + 1) * step, end), 3))
+                 for f in np.split(frames, breaks)]
+        speech = tuple((round(max(a, s), 3), round(min(b, e), 3)) for s, e in group for a, b in regions
+                       if b > s and a < e)
+        if speech:
+            chunks.append(Chunk(index=len(chunks) + 1, start=group[0][0], end=group[-1][1], speech=speech,
+                                pieces=tuple(group)))
+        pos = cut
+    resume = end if pos >= n and final else float(where[pos]) * step if pos < n else end
+    del total
+    return chunks, round(resume, 3)
+
+
+def stream_chunks(samples: np.ndarray, limit: float) -> Iterator[Chunk]:
+    """``packed_chunks`` of the whole file, each yielded as soon as the VAD has heard past it."""
+    model = _vad_model()
+    probs = np.zeros(-(-len(samples) // FRAME), dtype=np.float32)
+    origin, index = 0.0, 0
+    for start in range(0, len(samples), _STREAM_BLOCK):
+        block = samples[start:start + _STREAM_BLOCK].astype(np.float32) / 32768.0
+        block = np.pad(block, (0, (-len(block)) % FRAME))
+        probs[start // FRAME:start // FRAME + len(block) // FRAME] = np.asarray(model(block)).reshape(-1)
+        done = start + _STREAM_BLOCK >= len(samples)
+        heard = min(len(samples), start + _STREAM_BLOCK) / RATE
+        chunks, origin = packed_chunks(probs[:-(-min(len(samples), start + _STREAM_BLOCK) // FRAME)], limit,
+                                       origin=origin, end=heard, final=done)
+        for chunk in chunks:
+            index += 1
+            yield Chunk(index=index, start=chunk.start, end=chunk.end, speech=chunk.speech, pieces=chunk.pieces)
+
+
 def fixed_chunks(duration: float, limit: float) -> list[Chunk]:
     """SMAP's fixed cuts every ``limit`` seconds (SMAPD_VAD=false): cuts may fall inside words."""
-    out = []
+    out: list[Chunk] = []
     start = 0.0
     while start < duration - 0.05:
         end = min(duration, start + limit)
         out.append(Chunk(index=len(out) + 1, start=round(start, 3), end=round(end, 3), speech=((start, end),)))
         start = end
     return out
-
-
-def speech_prefix(decoded: Decoded, chunks: list[Chunk], seconds: float = 30.0) -> np.ndarray:
-    """Up to ``seconds`` of speech from the start of the file, for language detection."""
-    parts: list[np.ndarray] = []
-    total = 0
-    for chunk in chunks:
-        for s, e in chunk.speech:
-            take = min(e - s, seconds - total / RATE)
-            if take <= 0:
-                break
-            parts.append(decoded.float32(s, s + take))
-            total += len(parts[-1])
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)

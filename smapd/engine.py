@@ -6,25 +6,17 @@ audio with Whisper's cross-attention (one extra decoder pass, ~5% of the chunk's
 subtitles still get word-accurate cue times. Measured on a 28 s chunk, 1 thread, base int8:
 no timestamps 1.5 s, timestamp tokens 2.3 s, timestamp tokens + words 2.7 s, this way 1.6 s.
 
-``CommandEngine`` runs an external recognizer per chunk from a template such as SMAP's
-``whisper-cli -m {model} -f {input} -otxt -of {output_base}``, in its own process group.
+``smapd.command.CommandEngine`` runs an external recognizer per chunk instead.
 """
 from __future__ import annotations
 
-import os
-import shlex
-import signal
-import subprocess
-import tempfile
-import wave
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
 
-from smapd.errors import ChunkError, ChunkTimeout, ConfigError
-from smapd.models import Segment, Word
+from smapd.errors import ConfigError
+from smapd.models import DecodeSignals, Segment, Word
 
 _SENTENCE_END = (".", "?", "!", "。", "？", "！")
 _PREPEND = "\"'“¿([{-"
@@ -33,11 +25,30 @@ _APPEND = "\"'.。,，!！?？:：”)]}、"
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """What a chunk is decoded with; the same for every chunk of a file."""
+    """What a chunk is decoded with."""
 
-    language: str | None = None  # None: detect (only used when no file-level language is known)
+    language: str | None = None  # None: detect from the chunk's own encoder pass
     task: str = "transcribe"
     beam_size: int = 5
+    # True: ``language`` is only a prior; the chunk's own detection overrides it when it is sure
+    # (SWITCH_PROBABILITY, SWITCH_SPEECH_SECONDS), so a recording that changes language is followed.
+    follow_language: bool = False
+
+
+SWITCH_PROBABILITY = 0.7  # a chunk leaves the file's language only when its detector is this sure...
+SWITCH_SPEECH_SECONDS = 3.0  # ... and it has this much speech (short chunks follow the file)
+SAMPLING_SEED = 1  # the temperature fallback samples; a fixed seed keeps transcripts reproducible
+NO_SPEECH_PROB = 0.6  # Whisper's no_speech_threshold ...
+LOGPROB_FLOOR = -1.0  # ... and its logprob_threshold: below it a decode is retried at a higher temperature
+
+
+@dataclass(frozen=True)
+class Transcribed:
+    """One chunk's decode: segments (chunk time), the language used, and the decoder's signals."""
+
+    segments: tuple[Segment, ...]
+    language: tuple[str, float] | None = None  # decoded in, and the detector's probability for it
+    signals: DecodeSignals | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,8 @@ class EngineSpec:
 
 
 class Engine(Protocol):
-    def transcribe(self, audio: np.ndarray, options: DecodeOptions) -> list[Segment]: ...
+    def transcribe(self, audio: np.ndarray, options: DecodeOptions,
+                   speech: tuple[tuple[float, float], ...] = ()) -> Transcribed: ...
 
     def detect_language(self, audio: np.ndarray) -> tuple[str, float]: ...
 
@@ -104,7 +116,7 @@ class FasterWhisperEngine:
         return token[2:-2], float(prob)
 
     def transcribe(self, audio: np.ndarray, options: DecodeOptions,
-                   speech: tuple[tuple[float, float], ...] = ()) -> list[Segment]:
+                   speech: tuple[tuple[float, float], ...] = ()) -> Transcribed:
         """Decode one chunk; ``speech`` (chunk-relative VAD spans) lets us catch a decoder that stops early.
 
         Without timestamp tokens Whisper sometimes ends its output at a long pause and drops the
@@ -112,64 +124,110 @@ class FasterWhisperEngine:
         aligned word covers, that stretch is decoded again as its own window (at most twice).
         """
         duration = len(audio) / 16000
-        self.detected: tuple[str, float] | None = None
-        words, text, language = self._decode_window(audio, options, options.language)
+        encoder_output, frames = self._encode(audio)
+        language = self._language(encoder_output, options, sum(e - s for s, e in speech) if speech else duration)
+        words, text, signals = self._decode_window(encoder_output, frames, duration, options, language[0])
         texts = [text]
-        for _ in range(2):
-            gap = _uncovered_speech(words, speech, duration)
+        windows = 1
+        # Whisper judged the whole window to hold no speech (tones, music, noise that the VAD let
+        # through): re-decoding a stretch of it on its own only invites invented text.
+        for _ in range(0 if _no_speech(signals) else 2):
+            # Clamped first: the aligner stretches the few words of a decoder that gave up over the
+            # whole window, which would hide the speech it skipped.
+            gap = _uncovered_speech(_clamp_long_words(words), speech, duration)
             if gap is None:
                 break
             a, b = gap
-            part, text, language = self._decode_window(audio[int(a * 16000):int(b * 16000)], options, language)
+            part_audio = audio[int(a * 16000):int(b * 16000)]
+            part_out, part_frames = self._encode(part_audio)
+            part, text, _ = self._decode_window(part_out, part_frames, len(part_audio) / 16000, options, language[0])
+            windows += 1
             part = [Word(round(w.start + a, 3), round(min(w.end + a, b), 3), w.text, w.probability) for w in part]
             if not part:
                 break
             words = sorted([w for w in words if w.end <= a or w.start >= b] + part, key=lambda w: w.start)
             texts.append(text)
-        return _words_to_segments(_clamp_long_words(words), " ".join(texts), duration)
+        segments = _words_to_segments(_clamp_long_words(words), " ".join(texts), duration)
+        return Transcribed(tuple(segments), language, replace(signals, windows=windows))
 
-    def _decode_window(self, audio: np.ndarray, options: DecodeOptions,
-                       language: str | None) -> tuple[list[Word], str, str]:
+    def _language(self, encoder_output: Any, options: DecodeOptions, speech_seconds: float) -> tuple[str, float]:
+        """The language to decode in, from the chunk's own encoder pass (one decoder step)."""
+        if options.language is not None and not options.follow_language:
+            return options.language, 1.0
+        ranked = [(token[2:-2], float(p)) for token, p in self.model.model.detect_language(encoder_output)[0]]
+        top, p_top = ranked[0]
+        prior = options.language
+        if prior is None or top == prior or (p_top >= SWITCH_PROBABILITY and speech_seconds >= SWITCH_SPEECH_SECONDS):
+            return top, round(p_top, 4)
+        return prior, round(dict(ranked).get(prior, 0.0), 4)
+
+    def _decode_window(self, encoder_output: Any, frames: int, duration: float, options: DecodeOptions,
+                       language: str) -> tuple[list[Word], str, DecodeSignals]:
+        import ctranslate2
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens, merge_punctuations
 
-        encoder_output, frames = self._encode(audio)
-        if language is None:  # detect from the encoder pass we need anyway
-            token, prob = self.model.model.detect_language(encoder_output)[0][0]
-            language = token[2:-2]
-            self.detected = (language, round(float(prob), 4))
         tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual,
                               task=options.task, language=language)
         prompt = self.model.get_prompt(tokenizer, [], without_timestamps=True)
         suppress = get_suppressed_tokens(tokenizer, (-1,))
-        best: tuple[float, list[int]] | None = None
-        # Whisper's temperature fallback: re-decode when the text loops or is improbable.
-        for temperature in (0.0, 0.4, 0.8):  # Whisper's ladder, thinned: each rung is a full decode
-            sampling = {"beam_size": options.beam_size, "patience": 1.0} if temperature == 0 else {
+        best: tuple[float, list[int], DecodeSignals] | None = None
+        # Whisper's temperature fallback, thinned (each rung is a full decode): re-decode when the
+        # text loops or is improbable.
+        rungs: list[tuple[int, float]] = [(options.beam_size, 0.0), (1, 0.4), (1, 0.8)]
+        # Speech runs below ~6 tokens a second: a longer output is a loop, not worth its decoder time.
+        max_length = min(448, len(prompt) + 32 + int(10 * duration))
+        for beam, temperature in rungs:
+            sampling = {"beam_size": beam, "patience": 1.0} if temperature == 0 else {
                 "beam_size": 1, "sampling_topk": 0, "sampling_temperature": temperature}
+            if temperature:
+                ctranslate2.set_random_seed(SAMPLING_SEED)  # the same file gives the same text every run
             result = self.model.model.generate(
-                encoder_output, [prompt], max_length=448, return_scores=True, return_no_speech_prob=True,
+                encoder_output, [prompt], max_length=max_length, return_scores=True, return_no_speech_prob=True,
                 suppress_blank=True, suppress_tokens=suppress, **sampling)[0]
             tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
-            if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
-                return [], "", language  # Whisper's own silence rule: no speech, say nothing
-            looping = get_compression_ratio(tokenizer.decode(tokens).strip()) > 2.4
+            ratio = get_compression_ratio(tokenizer.decode(tokens).strip()) if tokens else 0.0
+            signals = DecodeSignals(avg_logprob=round(avg_logprob, 4), compression_ratio=round(ratio, 3),
+                                    no_speech_prob=round(result.no_speech_prob, 4), temperature=temperature,
+                                    beam_size=beam)
+            if _no_speech(signals):
+                return [], "", signals  # Whisper's own silence rule: no speech, say nothing
+            looping = ratio > 2.4 or _stutters(tokens)
             if best is None or (not looping and avg_logprob > best[0]):
-                best = (avg_logprob if not looping else -1e9, tokens)
-            if not looping and avg_logprob >= -1.0:
+                best = (avg_logprob if not looping else -1e9, tokens, signals)
+            if not looping and avg_logprob >= LOGPROB_FLOOR:
                 break
         assert best is not None
-        tokens = best[1]
+        _, tokens, signals = best
         if not tokens:
-            return [], "", language
-        duration = len(audio) / 16000
+            return [], "", signals
         alignment = self.model.find_alignment(tokenizer, [tokens], encoder_output, frames)[0]
         merge_punctuations(alignment, _PREPEND, _APPEND)
         words = [Word(round(float(a["start"]), 3), round(float(min(a["end"], duration)), 3), a["word"],
                       round(float(a["probability"]), 3))
                  for a in alignment if a["word"]]
-        return words, tokenizer.decode(tokens), language
+        return words, tokenizer.decode(tokens), signals
+
+
+def _stutters(tokens: list[int], times: int = 6, period: int = 8) -> bool:
+    """A run of one short token pattern repeated ``times`` times ("r-r-r-r-...", "or, or, or, ...").
+
+    Such a loop inside otherwise good text keeps the whole window's compression ratio under
+    Whisper's 2.4, so it would be kept; a fallback decode usually gets past it.
+    """
+    for p in range(1, period + 1):
+        run = 0
+        for i in range(p, len(tokens)):
+            run = run + 1 if tokens[i] == tokens[i - p] else 0
+            if run >= max(10, p * (times - 1)):
+                return True
+    return False
+
+
+def _no_speech(signals: DecodeSignals) -> bool:
+    """Whisper's silence rule: the window probably holds no speech and the text is improbable."""
+    return signals.no_speech_prob > NO_SPEECH_PROB and signals.avg_logprob < LOGPROB_FLOOR
 
 
 def _uncovered_speech(words: list[Word], speech: tuple[tuple[float, float], ...],
@@ -206,83 +264,3 @@ def _clamp_long_words(words: list[Word]) -> list[Word]:
             w = Word(round(w.end - limit, 3), w.end, w.text, w.probability)
         out.append(w)
     return out
-
-
-def write_wav(path: Path, audio: np.ndarray) -> None:
-    """16 kHz mono 16-bit WAV, what whisper.cpp and pocketsphinx both read."""
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(pcm.tobytes())
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process and everything it started (it leads its own process group)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-class CommandEngine:
-    """An external program per chunk. ``{model}``, ``{input}``, ``{output_base}``, ``{language}``,
-    ``{threads}`` in the template are filled in per chunk (after shell-style splitting, so paths
-    with spaces stay one argument); the program must write ``{output_base}.txt``."""
-
-    def __init__(self, spec: EngineSpec) -> None:
-        if not spec.command.strip():
-            raise ConfigError("SMAPD_ENGINE=command needs SMAPD_COMMAND, e.g. "
-                              "'whisper-cli -m {model} -f {input} -otxt -of {output_base}'")
-        try:
-            self.argv = shlex.split(spec.command)
-        except ValueError as e:
-            raise ConfigError(f"SMAPD_COMMAND={spec.command!r} is not a valid command line: {e}") from e
-        self.spec = spec
-        self.proc: subprocess.Popen | None = None
-
-    def terminate(self) -> None:
-        """Kill the running program's process group, from any thread (pool shutdown)."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def run(self, audio: np.ndarray, options: DecodeOptions, timeout: float) -> list[Segment]:
-        """Run the program on one chunk; kill its whole process group at ``timeout``."""
-        with tempfile.TemporaryDirectory(prefix="smapd-cmd-") as tmp:
-            wav = Path(tmp) / "chunk.wav"
-            base = Path(tmp) / "chunk"
-            write_wav(wav, audio)
-            fields = {"model": self.spec.model, "input": str(wav), "output_base": str(base),
-                      "language": options.language or "auto", "threads": str(self.spec.cpu_threads)}
-            argv = [arg.format(**fields) for arg in self.argv]
-            try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True)
-            except OSError as e:
-                raise ChunkError(f"cannot run {argv[0]!r}: {e.strerror}") from e
-            self.proc = proc
-            try:
-                _, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                kill_group(proc)
-                raise ChunkTimeout(f"{argv[0]} ran past CHUNK_TIMEOUT={timeout:g} s and was killed") from None
-            finally:
-                self.proc = None
-                if proc.poll() is None:
-                    kill_group(proc)
-            tail = err.decode(errors="replace").strip().splitlines()[-1:] if err else []
-            if proc.returncode != 0:
-                how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
-                       else f"exited with status {proc.returncode}")
-                raise ChunkError(f"{argv[0]} {how}" + (f": {tail[0]}" if tail else ""))
-            out = base.with_suffix(".txt")
-            if not out.is_file():
-                raise ChunkError(f"{argv[0]} wrote no {{output_base}}.txt")
-            text = " ".join(out.read_text(errors="replace").split())
-        return [Segment(0.0, round(len(audio) / 16000, 3), text)] if text else []

@@ -61,10 +61,30 @@ class Chunk:
     start: float
     end: float
     speech: tuple[tuple[float, float], ...] = ()
+    # The stretches (file time) the engine's window is made of, joined without what lies between
+    # (long pauses): fewer 30 s encoder passes per file. Empty: the whole of [start, end].
+    pieces: tuple[tuple[float, float], ...] = ()
 
     @property
     def duration(self) -> float:
         return self.end - self.start
+
+    @property
+    def spans(self) -> tuple[tuple[float, float], ...]:
+        """The stretches of file time that are decoded: ``pieces``, or the whole chunk."""
+        return self.pieces or ((self.start, self.end),)
+
+
+@dataclass(frozen=True)
+class DecodeSignals:
+    """How sure the decoder was of a chunk (Whisper's own fallback signals), for the report."""
+
+    avg_logprob: float  # mean log-probability of the chosen tokens
+    compression_ratio: float  # of the text (gzip); > 2.4 means the decoder looped
+    no_speech_prob: float  # Whisper's probability that the window holds no speech
+    temperature: float  # 0.0 = the beam/greedy decode was kept, higher = a sampling fallback
+    beam_size: int  # of the decode that was kept
+    windows: int = 1  # decoder windows run (re-decodes of speech the first pass skipped add one each)
 
 
 @dataclass(frozen=True)
@@ -79,7 +99,9 @@ class ChunkResult:
     error: str | None = None
     worker: str | None = None
     cpu_seconds: float = 0.0
-    language: tuple[str, float] | None = None  # detected by the engine when no language was given
+    language: tuple[str, float] | None = None  # what the chunk was decoded in, and the detector's probability
+    signals: DecodeSignals | None = None
+    rss_mb: float = 0.0  # the worker's resident memory when it returned this chunk (0: unknown)
 
     @property
     def chars(self) -> int:

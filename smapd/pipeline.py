@@ -1,22 +1,28 @@
 """One file through the flow: decode -> chunk -> transcribe chunks in parallel -> merge.
 
 Knows nothing of the spool or of settings: the caller hands in plain options and a started pool.
+The stages overlap: chunks go to the pool as soon as the VAD has heard past them, so the workers
+start on the first chunk while the rest of the file is still being analysed; there is no separate
+language detection pass (each chunk detects its language from its own encoder pass, see ``_Languages``).
 """
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
+import numpy as np
 from loguru import logger
 
 from smapd import audio
-from smapd.engine import DecodeOptions
-from smapd.errors import ChunkError
+from smapd.engine import SWITCH_PROBABILITY, SWITCH_SPEECH_SECONDS, DecodeOptions
 from smapd.models import Chunk, ChunkResult, ChunkStatus, Segment, Transcript, Word
 from smapd.pool import Pool
+from smapd.worker import TranscribeRequest
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class PipelineOptions:
     vad: bool = True  # silence-aware chunks; False = SMAP's fixed cuts
     chunk_seconds: float = 30.0
     max_seconds: float = float("inf")
+    pack: bool = True  # join a chunk's live stretches without the long pauses (fewer encoder passes)
 
 
 @dataclass(frozen=True)
@@ -34,17 +41,78 @@ class Progress:
     """What the pipeline reports as it goes (for progress bars and the daemon's status)."""
 
     kind: str  # "planned" | "started" | "finished"
-    total: int
+    total: int  # chunks known so far (final from "planned" on)
     done: int
     chunk: Chunk | None = None
     result: ChunkResult | None = None
     worker: str | None = None
 
 
-def _shift(segment: Segment, offset: float) -> Segment:
-    return Segment(round(segment.start + offset, 3), round(segment.end + offset, 3), segment.text,
-                   tuple(Word(round(w.start + offset, 3), round(w.end + offset, 3), w.text, w.probability)
-                         for w in segment.words))
+class _Languages:
+    """The file's language as the chunks report theirs: a vote weighted by speech and probability.
+
+    A chunk is decoded with the vote's leader as its prior and may leave it only when its own
+    detector is sure (engine.SWITCH_*), so a recording that changes language is followed while a
+    short or unsure chunk keeps the file's language. Chunks that started before any vote existed
+    and were unsure are re-decoded in the final language.
+    """
+
+    def __init__(self) -> None:
+        self._votes: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def prior(self) -> str | None:
+        with self._lock:
+            return max(self._votes, key=self._votes.__getitem__) if self._votes else None
+
+    def add(self, result: ChunkResult) -> None:
+        if result.language is not None:
+            code, p = result.language
+            with self._lock:
+                self._votes[code] = self._votes.get(code, 0.0) + p * _speech_seconds(result.chunk)
+
+    def final(self, results: Iterable[ChunkResult]) -> tuple[str | None, float | None]:
+        """The winner and the mean detector probability of the chunks decoded in it."""
+        code = self.prior()
+        probs = [r.language[1] for r in results if r.language is not None and r.language[0] == code]
+        return code, (round(float(np.mean(probs)), 4) if probs else None)
+
+
+def _speech_seconds(chunk: Chunk) -> float:
+    return sum(e - s for s, e in chunk.speech)
+
+
+def _unsure(result: ChunkResult) -> bool:
+    return result.language is not None and (
+        result.language[1] < SWITCH_PROBABILITY or _speech_seconds(result.chunk) < SWITCH_SPEECH_SECONDS)
+
+
+def _window(chunk: Chunk, samples: Callable[[float, float], np.ndarray]) -> tuple[np.ndarray, tuple]:
+    """The chunk's audio with its pieces joined, and its speech spans in that joined time."""
+    parts, speech, at = [], [], 0.0
+    for a, b in chunk.spans:
+        parts.append(samples(a, b))
+        speech += [(round(max(s, a) - a + at, 3), round(min(e, b) - a + at, 3)) for s, e in chunk.speech
+                   if e > a and s < b]
+        at += len(parts[-1]) / audio.RATE
+    return (np.concatenate(parts) if len(parts) > 1 else parts[0]), tuple(speech)
+
+
+def _to_file_time(chunk: Chunk) -> Callable[[float], float]:
+    """Maps a time in the chunk's joined window back to file time."""
+    spans = chunk.spans
+    starts = np.cumsum([0.0] + [b - a for a, b in spans])
+
+    def convert(t: float) -> float:
+        k = max(0, min(len(spans) - 1, int(np.searchsorted(starts, t, side="right")) - 1))
+        return round(min(spans[k][0] + t - starts[k], spans[k][1]), 3)
+
+    return convert
+
+
+def _shift(segment: Segment, convert: Callable[[float], float]) -> Segment:
+    words = tuple(Word(convert(w.start), convert(w.end), w.text, w.probability) for w in segment.words)
+    return Segment(convert(segment.start), convert(segment.end), segment.text, words)
 
 
 def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = None, key: str | None = None,
@@ -67,75 +135,103 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     if decoded.warning:
         log.warning("{}: {}", job, decoded.warning)
 
-    t1 = time.monotonic()
-    if options.vad:
-        chunks = audio.silence_chunks(decoded.samples, options.chunk_seconds)
-    else:
-        chunks = audio.fixed_chunks(decoded.info.duration, options.chunk_seconds)
-    timings["chunk_seconds"] = round(time.monotonic() - t1, 3)
-    speech = round(sum(e - s for c in chunks for s, e in c.speech), 3)
-    log.info("{}: {:.1f} s of audio, {:.1f} s of speech in {} chunks", job, decoded.info.duration, speech,
-             len(chunks))
-    notify(Progress("planned", len(chunks), 0))
+    forced = None if options.language == "auto" else options.language
+    languages = _Languages()
+    chunks: list[Chunk] = []
+    done = 0
 
-    language, probability = (None if options.language == "auto" else options.language), None
-    # One chunk: it detects the language from its own encoder pass (no second pass); otherwise
-    # detect once on the file's first 30 s of speech and decode every chunk in that language.
-    if len(chunks) > 1 and language is None:
-        t2 = time.monotonic()
-        try:
-            language, probability = pool.detect_language(key, audio.speech_prefix(decoded, chunks)).result()
-            log.info("{}: language {} (probability {:.2f})", job, language, probability)
-        except ChunkError as e:
-            log.warning("{}: language detection failed ({}); each chunk detects its own", job, e)
-        timings["detect_seconds"] = round(time.monotonic() - t2, 3)
+    def request(chunk: Chunk, language: str | None = None) -> Callable[[], TranscribeRequest]:
+        def build() -> TranscribeRequest:  # when a slot takes it: the vote so far is the prior
+            prior = language or forced or languages.prior()
+            window, speech = _window(chunk, decoded.float32)
+            return TranscribeRequest(window, DecodeOptions(
+                language=prior, task=options.task, beam_size=options.beam_size,
+                follow_language=language is None and forced is None),
+                speech)
+        return build
 
-    decode_options = DecodeOptions(language=language, task=options.task, beam_size=options.beam_size)
-    total = len(chunks)
+    early: list[tuple[Chunk, str]] | None = []  # chunks that started before the plan was complete
+    lock = threading.Lock()
 
     def started(chunk: Chunk, worker: str) -> None:
-        log.info("[{}/{}] Transcribing chunk {} ({:.1f}-{:.1f} s) on {}", chunk.index, total, chunk.index,
+        with lock:
+            if early is not None:  # say "[1/14]", not "[1/1]": wait until the total is known
+                early.append((chunk, worker))
+                return
+        log.info("[{}/{}] Transcribing chunk {} ({:.1f}-{:.1f} s) on {}", chunk.index, len(chunks), chunk.index,
                  chunk.start, chunk.end, worker)
-        notify(Progress("started", total, done, chunk=chunk, worker=worker))
+        notify(Progress("started", len(chunks), done, chunk=chunk, worker=worker))
 
-    t3 = time.monotonic()
+    t1 = time.monotonic()
     futures: dict[Future, Chunk] = {}
-    for chunk in chunks:
-        fut = pool.transcribe(key, chunk, lambda c=chunk: decoded.float32(c.start, c.end), decode_options,
-                              on_start=started)
+    for chunk in _plan(decoded, options):
+        if not chunks:
+            timings["first_chunk_seconds"] = round(time.monotonic() - t0, 3)
+        chunks.append(chunk)
+        fut = pool.submit(key, chunk, request(chunk), on_start=started)
+        fut.add_done_callback(lambda f: None if f.cancelled() else languages.add(f.result()))  # vote at once
         futures[fut] = chunk
+    timings["chunk_seconds"] = round(time.monotonic() - t1, 3)  # VAD and cutting, overlapped with decoding
+    speech = round(sum(_speech_seconds(c) for c in chunks), 3)
+    log.info("{}: {:.1f} s of audio, {:.1f} s of speech in {} chunks", job, decoded.info.duration, speech,
+             len(chunks))
+    notify(Progress("planned", len(chunks), done))
+    with lock:
+        waiting, early = early or [], None
+    for chunk, worker in waiting:
+        started(chunk, worker)
+
     results: dict[int, ChunkResult] = {}
-    done = 0
     try:
         for fut in as_completed(futures):
-            if fut.cancelled():  # the pool is shutting down (daemon stop): a gap, not a crash
-                result = ChunkResult(chunk=futures[fut], status=ChunkStatus.FAILED, attempts=0, seconds=0.0,
-                                     error="cancelled: smapd was shutting down")
-            else:
-                result = fut.result()
+            result = _result(fut, futures[fut])
             done += 1
             results[result.chunk.index] = result
+            _log_result(log, result, len(chunks), done)
+            notify(Progress("finished", len(chunks), done, chunk=result.chunk, result=result))
+        language, probability = (forced, None) if forced else languages.final(results.values())
+        # Unsure chunks decoded in another language than the file's (e.g. before any vote): again.
+        again = {pool.submit(key, r.chunk, request(r.chunk, language), on_start=started): r.chunk
+                 for r in results.values() if not forced and language and r.status is ChunkStatus.OK
+                 and r.language is not None and r.language[0] != language and _unsure(r)}
+        for fut in as_completed(again):
+            result = _result(fut, again[fut])
             if result.status is ChunkStatus.OK:
-                log.info("[{}/{}] Completed in {:.1f}s: {} chars", result.chunk.index, total, result.seconds,
-                         result.chars)
-            else:
-                log.error("[{}/{}] Failed after {} attempts: {}", result.chunk.index, total, result.attempts,
-                          result.error)
-            log.info("Progress: {}/{} ({:.1f}%)", done, total, 100.0 * done / total)
-            notify(Progress("finished", total, done, chunk=result.chunk, result=result))
+                log.info("[{}/{}] decoded again in {}", result.chunk.index, len(chunks), language)
+                results[result.chunk.index] = result
     finally:
         pool.cancel_job(key)
-    timings["transcribe_seconds"] = round(time.monotonic() - t3, 3)
+    timings["transcribe_seconds"] = round(time.monotonic() - t1, 3)
 
     ordered = tuple(results[c.index] for c in chunks)
-    if language is None and ordered and ordered[0].language:
-        language, probability = ordered[0].language
-        log.info("{}: language {} (probability {:.2f})", job, language, probability)
-    segments = tuple(_shift(s, r.chunk.start) for r in ordered for s in r.segments)
-    transcript = Transcript(segments=segments, chunks=ordered, language=language,
-                            language_probability=round(probability, 4) if probability is not None else None,
-                            audio=decoded.info, speech_seconds=speech, timings=timings,
-                            warning=decoded.warning)
+    if language:
+        log.info("{}: language {} (probability {})", job, language, probability)
+    segments = tuple(_shift(s, _to_file_time(r.chunk)) for r in ordered for s in r.segments)
+    transcript = Transcript(segments=segments, chunks=ordered, language=language, language_probability=probability,
+                            audio=decoded.info, speech_seconds=speech, timings=timings, warning=decoded.warning)
     if not chunks:
         log.info("{}: no speech found", job)
     return transcript
+
+
+def _plan(decoded: audio.Decoded, options: PipelineOptions) -> Iterable[Chunk]:
+    if not options.vad:
+        return audio.fixed_chunks(decoded.info.duration, options.chunk_seconds)
+    if options.pack:
+        return audio.stream_chunks(decoded.samples, options.chunk_seconds)
+    return audio.silence_chunks(decoded.samples, options.chunk_seconds)
+
+
+def _result(fut: Future, chunk: Chunk) -> ChunkResult:
+    if fut.cancelled():  # the pool is shutting down (daemon stop): a gap, not a crash
+        return ChunkResult(chunk=chunk, status=ChunkStatus.FAILED, attempts=0, seconds=0.0,
+                           error="cancelled: smapd was shutting down")
+    return fut.result()
+
+
+def _log_result(log: Any, result: ChunkResult, total: int, done: int) -> None:
+    if result.status is ChunkStatus.OK:
+        log.info("[{}/{}] Completed in {:.1f}s: {} chars", result.chunk.index, total, result.seconds, result.chars)
+    else:
+        log.error("[{}/{}] Failed after {} attempts: {}", result.chunk.index, total, result.attempts, result.error)
+    log.info("Progress: {}/{} ({:.1f}%)", done, total, 100.0 * done / total)

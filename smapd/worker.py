@@ -1,8 +1,12 @@
 """The engine slot's child process: loads the engine once, then serves chunks over a pipe.
 
-Started by ``pool.ProcessSlot`` as ``python -m smapd.worker`` in a new session (its own process
+Started by ``slots.ProcessSlot`` as ``python -m smapd.worker`` in a new session (its own process
 group), so a timeout can SIGKILL it and anything it started. Messages are length-prefixed
 pickles on two inherited pipe fds; stdout is never used (libraries print there).
+
+The conversation, all in the dataclasses below: the parent sends the ``EngineSpec``; the worker
+answers ``Ready`` or ``Failed``; then each ``TranscribeRequest`` gets one
+``Reply`` carrying an ``engine.Transcribed`` or an error, and the worker's ``Stats``.
 """
 from __future__ import annotations
 
@@ -13,7 +17,12 @@ import select
 import struct
 import sys
 import time
+from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
+
+from smapd.engine import DecodeOptions, Transcribed
 
 _HEADER = struct.Struct("!Q")
 
@@ -64,12 +73,58 @@ def recv(fd: int, deadline: float | None = None) -> Any:
     return None if body is None else pickle.loads(body)
 
 
+@dataclass(frozen=True)
+class TranscribeRequest:
+    """Decode one chunk. ``speech`` holds the VAD speech spans in the chunk's own time."""
+
+    audio: np.ndarray
+    options: DecodeOptions
+    speech: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Ready:
+    pid: int
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The engine could not be built (the worker exits)."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    cpu_seconds: float = 0.0  # of this request
+    rss_mb: float = 0.0  # resident memory now
+    max_rss_mb: float = 0.0  # peak resident memory of the worker's life
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to one request: ``transcribed``, or the ``error`` of the engine."""
+
+    stats: Stats = Stats()
+    transcribed: Transcribed | None = None
+    error: str | None = None  # the engine failed on this request (the worker lives on)
+
+
 def _rss_mb() -> float:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return 0.0
+
+
+def answer(engine: Any, request: TranscribeRequest) -> Reply:
+    """One request against a built engine; any engine error is this request's ``error`` only."""
+    try:
+        return Reply(transcribed=engine.transcribe(request.audio, request.options, request.speech))
+    except Exception as e:  # noqa: BLE001 - reported to the parent as this chunk's error
+        return Reply(error=f"{type(e).__name__}: {e}")
 
 
 def serve(rfd: int, wfd: int) -> None:
@@ -84,33 +139,21 @@ def serve(rfd: int, wfd: int) -> None:
     try:
         engine = FasterWhisperEngine(spec)
     except SmapdError as e:
-        send(wfd, ("error", str(e)))
+        send(wfd, Failed(str(e)))
         return
     # One tiny decode now: CTranslate2 sets up its kernels on first use, which would otherwise
     # add a second or two to the first chunk of the first job.
-    import numpy as np
-
     engine.detect_language(np.zeros(16000, dtype=np.float32))
-    send(wfd, ("ready", {"pid": os.getpid(), "load_seconds": time.monotonic() - started}))
+    send(wfd, Ready(os.getpid(), time.monotonic() - started))
     while True:
         request = recv(rfd)
         if request is None:
             return
-        kind, payload = request
         cpu0 = time.process_time()
-        try:
-            if kind == "detect":
-                result: Any = engine.detect_language(payload["audio"])
-            elif kind == "transcribe":
-                result = engine.transcribe(payload["audio"], payload["options"], payload.get("speech", ()))
-            else:
-                raise ValueError(f"unknown request {kind!r}")
-            reply = ("ok", result)
-        except Exception as e:  # noqa: BLE001 - reported to the parent as this chunk's error
-            reply = ("error", f"{type(e).__name__}: {e}")
-        stats = {"cpu": time.process_time() - cpu0, "rss_mb": _rss_mb(), "language": getattr(engine, "detected", None),
-                 "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        send(wfd, (*reply, stats))
+        reply = answer(engine, request)
+        stats = Stats(cpu_seconds=time.process_time() - cpu0, rss_mb=_rss_mb(),
+                      max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        send(wfd, replace(reply, stats=stats))
 
 
 def main() -> None:
@@ -120,4 +163,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module, not __main__: the reply classes must pickle as smapd.worker.*.
+    from smapd import worker  # noqa: PLW0406 - on purpose, see above
+
+    worker.main()
