@@ -95,7 +95,6 @@ class Pool:
         self._executor: ThreadPoolExecutor | None = None
         self._running: dict[str, _Task] = {}
         self._lock = threading.Lock()
-        self.max_worker_rss_mb = 0.0
         self._closing = False
         self._booted = threading.Event()
         self._boot_errors: list[BaseException] = []
@@ -251,7 +250,6 @@ class Pool:
                 logger.warning("{}: {} (attempt {}/{})", _label(task), e, attempt, self.retries + 1)
                 continue
             cpu += reply.stats.cpu_seconds
-            self.max_worker_rss_mb = max(self.max_worker_rss_mb, slot.max_rss_mb)
             self._settle(task, reply, ChunkStatus.OK, attempt, started, slot, cpu)
             return
         self._settle(task, None, ChunkStatus.FAILED, task.attempts, started, slot, cpu, last_error)

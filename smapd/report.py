@@ -81,7 +81,11 @@ class EngineInfo:
 class ChunkEntry:
     """One chunk: ``index``, ``start``/``end`` (s), ``attempts``, ``seconds`` (wall seconds the pool
     spent on it), ``status`` (``ok``/``failed``), ``chars`` (characters transcribed), ``error`` (why
-    its last attempt failed, or null), ``worker`` (the engine slot that ran it)."""
+    its last attempt failed, or null), ``worker`` (the engine slot that ran it), ``decoded_seconds``
+    (audio the engine heard: long pauses inside the chunk are left out), ``language`` and
+    ``language_probability`` (what this chunk was decoded in: mixed-language files change it), and
+    ``signals`` (the decoder's own confidence: ``avg_logprob``, ``compression_ratio``,
+    ``no_speech_prob``, ``temperature``, ``beam_size``, ``windows``; null when it failed)."""
 
     index: int
     start: float | None
@@ -92,6 +96,10 @@ class ChunkEntry:
     chars: int
     error: str | None
     worker: str | None
+    decoded_seconds: float | None = None
+    language: str | None = None
+    language_probability: float | None = None
+    signals: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -260,7 +268,12 @@ def build(transcript: Transcript | None, *, input: InputInfo, job: JobInfo, erro
         engine=engine or EngineInfo(),
         chunks=tuple(ChunkEntry(index=c.chunk.index, start=num(c.chunk.start), end=num(c.chunk.end),
                                 attempts=c.attempts, seconds=num(c.seconds), status=c.status.value,
-                                chars=c.chars, error=c.error, worker=c.worker) for c in chunks),
+                                chars=c.chars, error=c.error, worker=c.worker,
+                                decoded_seconds=num(sum(b - a for a, b in c.chunk.spans)),
+                                language=c.language[0] if c.language else None,
+                                language_probability=num(c.language[1], 4) if c.language else None,
+                                signals=dataclasses.asdict(c.signals) if c.signals else None)
+                     for c in chunks),
         totals=Totals(
             wall_seconds=num(m.wall_seconds), cpu_seconds=num(m.cpu_seconds), peak_rss_mb=num(m.peak_rss_mb, 1),
             real_time_factor=num(duration / m.wall_seconds, 2) if duration is not None and m.wall_seconds else None,

@@ -163,7 +163,11 @@ def execute(path: Path, pool: Pool, config: JobConfig, *, job: JobInfo | Mapping
         error = f"cannot read the file: {e.strerror or e}"
     wall = time.monotonic() - started
     chunk_cpu = sum(c.cpu_seconds for c in transcript.chunks) if transcript else 0.0
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, pool.max_worker_rss_mb)
+    # The job's own workers: each chunk carries its worker's RSS when it returned (pool-lifetime
+    # maxima would charge a small job with a big one's memory). smapd's own process: Linux keeps only
+    # its lifetime peak.
+    workers = max((c.rss_mb for c in transcript.chunks), default=0.0) if transcript else 0.0
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, workers)
     measured = Measured(wall_seconds=wall, cpu_seconds=_cpu_now() - cpu0 + chunk_cpu, peak_rss_mb=peak)
     outcome = transcript.outcome if transcript and error is None else Outcome.FAILED
     if transcript is not None and outcome is Outcome.FAILED and error is None:

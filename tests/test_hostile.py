@@ -59,7 +59,7 @@ def originals(sp: SpoolView, state: str, name: str) -> list[str]:
 
 
 class InventedText(AssertionError):
-    """Words came out of audio that holds none (what the music xfail expects, and nothing else)."""
+    """Words came out of audio that holds none (the music test's one way to fail apart from a crash)."""
 
 
 class MissingWarning(AssertionError):
@@ -230,17 +230,10 @@ def test_silence_and_noise_give_an_empty_transcript(sp: SpoolView, stage: Path, 
     assert text.strip() == "", f"hallucinated on {kind}: {text!r}"
 
 
-@pytest.mark.xfail(
-    # raises=: only invented text is expected; a crash, a failed report or a dead daemon fail the test.
-    # Not strict: it is intermittent (Whisper's temperature fallback samples at random; of two runs of
-    # this module on one commit, one invented words and one did not), so an XPASS proves no fix.
-    strict=False, raises=InventedText,
-    reason="BUG (reported): Silero VAD passes harmonic tones as speech and Whisper "
-    "base often hallucinates on them ('Go, go, go, go, go, go, go, go, go.')",
-)
 def test_music_tones_do_not_crash_or_ramble(sp: SpoolView, stage: Path) -> None:
-    """Chords with vibrato and note changes (music-like): a success; at most a few words (Whisper may
-    label it), never a paragraph of invented speech."""
+    """Chords with vibrato and note changes (music-like): a success and no invented speech (at most a
+    two-word label). Was 'Go, go, go, go, go, go, go, go, go.' before the engine stopped re-decoding
+    windows that Whisper's own silence rule calls empty (issue 8)."""
     t = np.arange(16000 * 12) / 16000
     notes = [220.0, 277.2, 329.6, 440.0, 392.0, 349.2]
     x = np.zeros_like(t)
@@ -252,7 +245,7 @@ def test_music_tones_do_not_crash_or_ramble(sp: SpoolView, stage: Path) -> None:
     sp.drop(stage / "music.wav", "music.wav")
     where, report, text = sp.outcome("music.wav")
     assert where == "outbox" and report["outcome"] == "success", report.get("error")
-    if len(tk.normalize(text).split()) > 8:
+    if len(tk.normalize(text).split()) > 2:
         raise InventedText(text)
 
 

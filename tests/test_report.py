@@ -32,7 +32,8 @@ SCHEMA: dict[str, set[str] | None] = {
     "job": {"id", "attempt", "node", "claimed_as", "original_name", "output_stem", "attempts", "warning"},
     "outputs": None,
 }
-CHUNK_KEYS = {"index", "start", "end", "attempts", "seconds", "status", "chars", "error", "worker"}
+CHUNK_KEYS = {"index", "start", "end", "attempts", "seconds", "status", "chars", "error", "worker",
+              "decoded_seconds", "language", "language_probability", "signals"}
 ENGINE = EngineInfo(name="faster-whisper", model="base", device="cpu", compute_type="int8", workers=2,
                     cpu_threads=1, beam_size=1, chunk_seconds=30.0, chunk_timeout=120.0, vad=True)
 ATTEMPTS = ({"attempt": 1, "node": "n1", "pid": 42, "how": "claimed from inbox/"},)

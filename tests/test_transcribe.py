@@ -104,7 +104,9 @@ def test_outputs_report_and_progress_lines(longform, longform_run):
     n = len(report["chunks"])
     assert n >= 6, "a 4.5-minute recording in 30 s chunks"
     assert all(c["status"] == "ok" and c["attempts"] == 1 for c in report["chunks"])
-    assert all(c["end"] - c["start"] <= 30.0 + 1e-6 for c in report["chunks"])
+    # A chunk may span more file time than Whisper's window (long pauses are left out), never more audio.
+    assert all(0 < c["decoded_seconds"] <= 30.0 + 1e-6 for c in report["chunks"])
+    assert all(c["language"] == "en" and c["signals"]["avg_logprob"] < 0 for c in report["chunks"])
     totals = report["totals"]
     assert totals["success_rate"] == 100.0 and totals["chunks_ok"] == n
     assert totals["wall_seconds"] > 0 and totals["cpu_seconds"] > 0 and totals["peak_rss_mb"] > 50
