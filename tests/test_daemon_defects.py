@@ -21,7 +21,17 @@ from pathlib import Path
 
 import helpers
 import pytest
-from test_daemon import CLIP, Node, SpoolView, claim_latency, kill_all, log_has, make_env, signal_workers, start
+from test_daemon import (
+    CLIP,
+    Node,
+    SpoolView,
+    claim_latency,
+    kill_all,
+    log_has,
+    make_env,
+    signal_workers,
+    start,
+)
 
 from smapd.spool import Spool
 
