@@ -99,13 +99,13 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
         notify(Progress("started", total, done, chunk=chunk, worker=worker))
 
     t3 = time.monotonic()
+    done = 0  # before the first submit: a free slot may call `started` (which reads it) at once
     futures: dict[Future, Chunk] = {}
     for chunk in chunks:
         fut = pool.transcribe(key, chunk, lambda c=chunk: decoded.float32(c.start, c.end), decode_options,
                               on_start=started)
         futures[fut] = chunk
     results: dict[int, ChunkResult] = {}
-    done = 0
     try:
         for fut in as_completed(futures):
             if fut.cancelled():  # the pool is shutting down (daemon stop): a gap, not a crash
