@@ -12,7 +12,7 @@ timed from the drop to the last report. Variants, interleaved round by round:
                num_workers=2 and cpu_threads=1 (two decodes at once, one core each: the fair
                2-core setup; cpu_threads=2 with two threads would oversubscribe), same beam size
                and language detection as smapd's defaults, model load not timed.
---mixed adds one run of smapd-auto on the same short files with a ~10-minute long-form (built from
+--mixed adds one run of smapd-auto on the same short files with a long-form of --long-repeat x 400 s (built from
 the English clips with ../shared/tools/make_longform.py) dropped first: when each short file and the
 long one finished, and how busy each engine slot was.
 """
@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--files", type=int, default=30)
     ap.add_argument("--mixed", action="store_true", help="also the mixed stream (a 10-minute file among them)")
-    ap.add_argument("--long-repeat", type=int, default=4, help="make_longform --repeat for the long file")
+    ap.add_argument("--long-repeat", type=int, default=2, help="make_longform --repeat for the long file (2: ~13 min)")
     ap.add_argument("--only", default="smapd-auto,smapd-1,fw-pool")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -201,6 +201,8 @@ def main() -> None:
                 walls[v].append(r["wall"])
                 busy[v].append(r["cpu_busy"])
                 extra = f", {r['failed']} failed" if r.get("failed") else ""
+                if "chars" in r:
+                    extra += f", {r['chars']} characters of text"
                 if r.get("per_worker"):
                     extra += ", slots busy " + " ".join(f"{w} {t / r['wall']:.0%}" for w, t in sorted(r["per_worker"].items()))
                 print(f"  round {rnd + 1} {v}: {r['wall']:.1f} s (machine CPU busy {r['cpu_busy']:.0%}{extra})",
