@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     max_parallel_workers: Union[Literal["auto"], int] = _smap("MAX_PARALLEL_WORKERS", "auto")
     use_parallel_transcription: bool = _smap("USE_PARALLEL_TRANSCRIPTION", True)
     # auto: start another file while fewer files wait for a slot than there are slots (issue 8)
-    max_concurrent_jobs: Union[Literal["auto"], int] = _smap("MAX_CONCURRENT_JOBS", "auto")
+    max_concurrent_jobs: Literal["auto"] | int = _smap("MAX_CONCURRENT_JOBS", "auto")
     chunk_timeout: Union[Literal["auto"], float] = _smap("CHUNK_TIMEOUT", "auto")
 
     # --- engine and model ---
