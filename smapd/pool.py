@@ -187,6 +187,11 @@ class Pool:
         with self._lock:
             return len(self._running)
 
+    def queued(self) -> dict[str, int]:
+        """Tasks waiting for a slot, per job (read-only: the daemon's MAX_CONCURRENT_JOBS=auto reads it)."""
+        with self._queue.cond:
+            return {job: len(q) for job, q in self._queue.queues.items() if q}
+
     # --- serving ---
     def _serve(self, slot: Slot) -> None:
         try:

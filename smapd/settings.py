@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     # --- SMAP's names ---
     max_parallel_workers: Union[Literal["auto"], int] = _smap("MAX_PARALLEL_WORKERS", "auto")
     use_parallel_transcription: bool = _smap("USE_PARALLEL_TRANSCRIPTION", True)
-    max_concurrent_jobs: int = _smap("MAX_CONCURRENT_JOBS", 1)
+    # auto: start another file while fewer files wait for a slot than there are slots (issue 8)
+    max_concurrent_jobs: Literal["auto"] | int = _smap("MAX_CONCURRENT_JOBS", "auto")
     chunk_timeout: Union[Literal["auto"], float] = _smap("CHUNK_TIMEOUT", "auto")
 
     # --- engine and model ---
@@ -93,7 +94,7 @@ class Settings(BaseSettings):
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("max_parallel_workers", "cpu_threads", mode="before")
+    @field_validator("max_parallel_workers", "cpu_threads", "max_concurrent_jobs", mode="before")
     @classmethod
     def _auto_or_positive(cls, v: Any) -> Any:
         if isinstance(v, str) and v.strip().lower() == "auto":
@@ -116,7 +117,7 @@ class Settings(BaseSettings):
             raise ValueError("expected 'auto' or a number of seconds > 0")
         return f
 
-    @field_validator("max_concurrent_jobs", "beam_size", "max_attempts")
+    @field_validator("beam_size", "max_attempts")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
