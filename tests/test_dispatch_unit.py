@@ -15,15 +15,15 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import helpers
 import pytest
 
+import testkit as tk
 from smapd.dispatch import ActiveJob, Dispatcher, MaxJobs, Waker
 from smapd.pipeline import Progress
 from smapd.spool import Spool
 
 REPO = Path(__file__).resolve().parent.parent
-CLIP = helpers.DATA_DIR / "fleurs-en-003.ogg"
+CLIP = tk.DATA_DIR / "fleurs-en-003.ogg"
 LEASE = 0.3
 
 
@@ -64,7 +64,7 @@ class FakeJobs:
         return "done"
 
     def end(self, name: str) -> None:
-        assert helpers.wait_for(lambda: name in self.finish, 5), f"{name} never started"
+        assert tk.wait_for(lambda: name in self.finish, 5), f"{name} never started"
         self.finish[name].set()
 
 
@@ -124,7 +124,7 @@ def test_a_hard_cap_claims_only_what_it_can_run_and_the_next_file_when_a_job_end
     r.d.dispatch()  # nothing changed: still one
     assert len(r.d.active()) == 1
     r.jobs.end("a.ogg")
-    assert helpers.wait_for(lambda: not r.d.active(), 5)
+    assert tk.wait_for(lambda: not r.d.active(), 5)
     r.d.dispatch()  # the last scan left files behind: a free place claims the next without a hint
     assert len(r.d.active()) == 1 and len(os.listdir(r.spool.inbox)) == 1
     assert r.d.completed == 1
@@ -148,7 +148,7 @@ def test_a_fresh_file_is_looked_at_again_after_settle_seconds(rig_factory) -> No
     r.d.dispatch()
     assert not r.d.active() and r.d.settle_at is not None
     assert r.d.settle_at - time.monotonic() <= r.spool.settle_seconds
-    assert helpers.wait_for(lambda: time.monotonic() >= (r.d.settle_at or 0), 2)
+    assert tk.wait_for(lambda: time.monotonic() >= (r.d.settle_at or 0), 2)
     r.d.dispatch()
     assert r.running() == ["fresh.ogg"] and r.d.settle_at is None
 
@@ -157,7 +157,7 @@ def test_stale_claims_are_recovered_before_new_files(rig_factory) -> None:
     r = rig_factory(1)
     r.stale_claim("old.ogg")
     r.drop("new.ogg")
-    helpers.wait_for(lambda: False, LEASE + 0.1)  # let the stale claim's lease run out
+    tk.wait_for(lambda: False, LEASE + 0.1)  # let the stale claim's lease run out
     r.d.dispatch()
     assert r.running() == ["old.ogg"]
     job = r.d.active()[0]
@@ -170,12 +170,12 @@ def test_a_second_stale_claim_waits_for_room_and_still_goes_before_new_files(rig
     r.stale_claim("old1.ogg")
     r.stale_claim("old2.ogg")
     r.drop("new.ogg")
-    helpers.wait_for(lambda: False, LEASE + 0.1)
+    tk.wait_for(lambda: False, LEASE + 0.1)
     r.d.dispatch()
     first = r.running()
     assert len(first) == 1 and first[0].startswith("old")
     r.jobs.end(first[0])
-    assert helpers.wait_for(lambda: not r.d.active(), 5)
+    assert tk.wait_for(lambda: not r.d.active(), 5)
     r.d.scan_due = True  # even with a rescan due, the waiting stale claim goes first
     r.d.dispatch()
     assert r.running() == [{"old1.ogg": "old2.ogg", "old2.ogg": "old1.ogg"}[first[0]]]
@@ -189,7 +189,7 @@ def test_a_claim_at_max_attempts_goes_to_failed_without_a_free_place(rig_factory
     assert r.running() == ["busy.ogg"]  # the only place is taken
     r.stale_claim("poison.ogg", attempt=3)
     r.stale_claim("waits.ogg", attempt=1)
-    helpers.wait_for(lambda: False, LEASE + 0.1)
+    tk.wait_for(lambda: False, LEASE + 0.1)
     r.d.recovery_due = True  # the recovery timer
     r.d.dispatch()
     failed = [n for n in os.listdir(r.spool.failed) if n.endswith(".report.json")]
@@ -255,9 +255,9 @@ def test_a_crashed_job_frees_its_place_and_leaves_its_claim_for_recovery(rig_fac
     r.d.run_job = crash
     r.drop("x.ogg")
     r.d.dispatch()
-    assert helpers.wait_for(lambda: not r.d.active(), 5)
+    assert tk.wait_for(lambda: not r.d.active(), 5)
     assert [n for n in os.listdir(r.spool.processing) if n.startswith("x.ogg__solo_")]
-    helpers.wait_for(lambda: False, LEASE + 0.1)
+    tk.wait_for(lambda: False, LEASE + 0.1)
     r.d.run_job = r.jobs
     r.d.recovery_due = True
     r.d.dispatch()  # abandoned: recovered once its lease ran out, as the next attempt
@@ -281,7 +281,7 @@ def test_lease_refresh_keeps_claims_fresh_and_a_lost_claim_is_cancelled(rig_fact
     finally:
         stop.set()
         refresher.join(5)
-    helpers.wait_for(lambda: False, LEASE + 0.1)  # the control: without refreshes the leases run out
+    tk.wait_for(lambda: False, LEASE + 0.1)  # the control: without refreshes the leases run out
     assert stale_seen_by_another_process(r.spool.root) == 2
     lost = next(j for j in r.d.active() if j.claim.original_name == "lost.ogg")
     lost.claim.path.rename(r.spool.processing / "taken-over")  # another node renamed it away

@@ -13,17 +13,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import helpers
 import numpy as np
 import pytest
 
+import testkit as tk
 from smapd import runner
 from smapd.engine import EngineSpec
 from smapd.models import Chunk, ChunkResult, ChunkStatus, Segment
 from smapd.pipeline import PipelineOptions
 from smapd.spool import Claim, Spool
 
-CLIP = helpers.DATA_DIR / "fleurs-en-003.ogg"  # 5.8 s: one chunk
+CLIP = tk.DATA_DIR / "fleurs-en-003.ogg"  # 5.8 s: one chunk
 
 
 class FakePool:
@@ -148,7 +148,7 @@ def test_a_cancelled_job_publishes_nothing_and_leaves_the_claim_for_the_hand_bac
 
 
 def test_a_file_that_is_not_audio_goes_to_failed_with_a_report(spool: Spool, tmp_path: Path) -> None:
-    c = claim(spool, helpers.write_text_as(tmp_path / "list.txt"), "list.mp3")
+    c = claim(spool, tk.write_text_as(tmp_path / "list.txt"), "list.mp3")
     pool = FakePool()
     assert run(spool, c, pool) == "failed"
     assert not pool.chunks and not os.listdir(spool.outbox)
