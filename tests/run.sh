@@ -17,8 +17,10 @@ PYTHON=${PYTHON:-python3}
 VENV=$ROOT/.venv
 # pocketsphinx: the real external recognizer of the `command` engine tests; systemd, util-linux
 # (unshare, nsenter, setpriv), passwd (useradd) and python3-venv (install.sh builds /opt/smapd/venv
-# from /usr/bin/python3): the deploy tests under a namespaced systemd.
-APT_PACKAGES=(pocketsphinx pocketsphinx-en-us systemd util-linux passwd python3-venv)
+# from /usr/bin/python3): the deploy tests under a namespaced systemd; prometheus (for promtool) and
+# prometheus-node-exporter: the metrics files checked and scraped by the real tools.
+APT_PACKAGES=(pocketsphinx pocketsphinx-en-us systemd util-linux passwd python3-venv prometheus
+              prometheus-node-exporter)
 
 say() { printf '[tests/run.sh] %s\n' "$*" >&2; }
 
