@@ -59,6 +59,17 @@ class ActiveJob:
     lost: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
     outcome: str | None = None  # the runner's, once the job thread is done with it
+    audio_total: float = 0.0  # the file's audio seconds, once decoded
+    audio_done: float = 0.0  # audio seconds of the chunks finished so far
+    progressed: float = field(default_factory=time.monotonic)  # when it last moved (stall flag)
+    first_slot: float | None = None  # when its first chunk reached a slot (for the speed and ETA)
+
+    def eta_seconds(self) -> float | None:
+        """Seconds left at the speed measured so far, or None before the first chunk finished."""
+        if self.first_slot is None or self.audio_done <= 0 or not self.audio_total:
+            return None
+        speed = self.audio_done / max(1e-3, time.monotonic() - self.first_slot)
+        return max(0.0, (self.audio_total - self.audio_done) / speed)
 
 
 class Waker:
@@ -213,8 +224,14 @@ class Dispatcher:
     def progress(self, job: ActiveJob, p: Progress) -> None:
         """The pipeline's progress callback for ``job`` (job thread)."""
         job.chunks_total, job.chunks_done = p.total, p.done
+        job.audio_total = p.duration or job.audio_total
+        job.progressed = time.monotonic()
+        if p.kind == "finished" and p.chunk is not None:
+            job.audio_done = min(job.audio_total or float("inf"), job.audio_done + p.chunk.duration)
         if p.kind == "started":
             job.on_slot = True
+            if job.first_slot is None:
+                job.first_slot = job.progressed
             self.wake.set()  # a chunk left the queue: maybe room for the next file
 
     def _run(self, job: ActiveJob) -> None:

@@ -37,7 +37,6 @@ from pathlib import Path
 
 from loguru import logger
 
-from smapd.errors import ConfigError
 
 PLACEHOLDERS = ("report", "outcome", "input", "stem", "job", "node", "spool")
 _FIELD = re.compile(r"\{([^{}]*)\}")
@@ -61,22 +60,22 @@ class HookEvent:
 
 
 def parse_template(template: str) -> list[str]:
-    """Split ``template`` into argv and check its placeholders.
+    """Split ``template`` into argv and check its placeholders (Settings validates SMAPD_ON_DONE with it).
 
     Raises:
-        ConfigError: unbalanced quotes, or a placeholder smapd does not know.
+        ValueError: unbalanced quotes, no command, or a placeholder smapd does not know.
     """
     try:
         argv = shlex.split(template)
     except ValueError as e:
-        raise ConfigError(f"setting SMAPD_ON_DONE={template!r} is invalid: {e}") from None
+        raise ValueError(f"cannot split it into arguments ({e})") from None
     if not argv:
-        raise ConfigError(f"setting SMAPD_ON_DONE={template!r} is invalid: no command")
+        raise ValueError("no command")
     for arg in argv:
         for name in _FIELD.findall(arg):
             if name not in PLACEHOLDERS:
-                raise ConfigError(f"setting SMAPD_ON_DONE={template!r} is invalid: unknown placeholder "
-                                  f"{{{name}}}; allowed: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
+                raise ValueError(f"unknown placeholder {{{name}}}; allowed: "
+                                 f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
     return argv
 
 

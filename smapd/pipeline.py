@@ -46,6 +46,7 @@ class Progress:
     chunk: Chunk | None = None
     result: ChunkResult | None = None
     worker: str | None = None
+    duration: float = 0.0  # the file's audio seconds (progress in audio time: done chunks over this)
 
 
 class _Languages:
@@ -160,7 +161,8 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
                 return
         log.info("[{}/{}] Transcribing chunk {} ({:.1f}-{:.1f} s) on {}", chunk.index, len(chunks), chunk.index,
                  chunk.start, chunk.end, worker)
-        notify(Progress("started", len(chunks), done, chunk=chunk, worker=worker))
+        notify(Progress("started", len(chunks), done, chunk=chunk, worker=worker,
+                        duration=decoded.info.duration))
 
     t1 = time.monotonic()
     futures: dict[Future, Chunk] = {}
@@ -175,7 +177,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     speech = round(sum(_speech_seconds(c) for c in chunks), 3)
     log.info("{}: {:.1f} s of audio, {:.1f} s of speech in {} chunks", job, decoded.info.duration, speech,
              len(chunks))
-    notify(Progress("planned", len(chunks), done))
+    notify(Progress("planned", len(chunks), done, duration=decoded.info.duration))
     with lock:
         waiting, early = early or [], None
     for chunk, worker in waiting:
@@ -188,7 +190,8 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
             done += 1
             results[result.chunk.index] = result
             _log_result(log, result, len(chunks), done)
-            notify(Progress("finished", len(chunks), done, chunk=result.chunk, result=result))
+            notify(Progress("finished", len(chunks), done, chunk=result.chunk, result=result,
+                            duration=decoded.info.duration))
         language, probability = (forced, None) if forced else languages.final(results.values())
         # Unsure chunks decoded in another language than the file's (e.g. before any vote): again.
         again = {pool.submit(key, r.chunk, request(r.chunk, language), on_start=started): r.chunk

@@ -98,6 +98,8 @@ class Pool:
         self._closing = False
         self._booted = threading.Event()
         self._boot_errors: list[BaseException] = []
+        self.restarts = 0  # workers replaced (crash, timeout, recycling) since start: for the metrics
+        self.timeouts = 0  # chunk attempts that ran past CHUNK_TIMEOUT
         self._boots_left = workers
 
     def start(self, wait: bool = True) -> None:
@@ -239,6 +241,8 @@ class Pool:
                 reply = slot.run(task.request(), self.chunk_timeout)
             except (ChunkTimeout, WorkerDied) as e:
                 last_error = str(e)
+                if isinstance(e, ChunkTimeout):
+                    self._count("timeouts")
                 if self._closing:
                     last_error = "the pool was shut down while this chunk ran"
                     break
@@ -261,8 +265,12 @@ class Pool:
         if broken and not self._closing:  # after the result: a failed chunk need not wait for a model load
             self._restart(slot)
 
-    @staticmethod
-    def _restart(slot: Slot) -> None:
+    def _count(self, counter: str) -> None:
+        with self._lock:  # slot threads count concurrently
+            setattr(self, counter, getattr(self, counter) + 1)
+
+    def _restart(self, slot: Slot) -> None:
+        self._count("restarts")
         try:
             slot.restart()
         except ConfigError as boot_error:
@@ -292,6 +300,7 @@ class Pool:
             reason = f"uses {slot.rss_mb:.0f} MB (SMAPD_WORKER_MAX_RSS_MB={self.max_rss_mb})"
         if reason:
             logger.info("recycling worker {}: {}", slot.name, reason)
+            self._count("restarts")
             try:
                 slot.recycle()
             except ConfigError as e:

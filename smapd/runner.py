@@ -27,7 +27,7 @@ from smapd.pool import Pool
 from smapd.report import EngineInfo, JobInfo, Measured, Report, input_info
 from smapd.report import build as build_report
 from smapd.settings import Settings, plan_workers
-from smapd.spool import Claim, Spool
+from smapd.spool import REPORT_SUFFIX, Claim, Spool
 
 PUBLISH_RETRY_SECONDS = 60.0  # how long a finished job retries publishing before it gives up its claim
 
@@ -201,7 +201,8 @@ def reloadable(s: Settings) -> dict[str, Any]:
 
 
 def run_claim(claim: Claim, spool: Spool, pool: Pool, config: JobConfig, *, node: str, lost: threading.Event,
-              cancelled: threading.Event, on_progress: Callable[[pipeline.Progress], None] | None = None) -> str:
+              cancelled: threading.Event, on_progress: Callable[[pipeline.Progress], None] | None = None,
+              on_finished: Callable[[Path, Report], None] | None = None) -> str:
     """One claimed file end to end; returns "done", "failed", "lost" or "cancelled".
 
     Data flows one way: transcribe and render -> (success) reserve the output stem and name the
@@ -210,7 +211,8 @@ def run_claim(claim: Claim, spool: Spool, pool: Pool, config: JobConfig, *, node
     taken over (``lost``) publishes nothing; a cancelled one (shutdown grace ran out) leaves its
     claim for the daemon to hand back. A transient error (disk full, unwritable outbox/) is retried
     for PUBLISH_RETRY_SECONDS under the live lease, then propagates: the claim stays in processing/,
-    its lease runs out, and it is retried as the next attempt.
+    its lease runs out, and it is retried as the next attempt. ``on_finished(report_path, report)``
+    is called once the job is in archive/ or failed/ (the completion hook, the metrics).
     """
     log = logger.bind(job=claim.original_name)
     log.info("{}: job {} started (attempt {}, node {})", claim.original_name, claim.job_id, claim.attempt, node)
@@ -245,7 +247,11 @@ def run_claim(claim: Claim, spool: Spool, pool: Pool, config: JobConfig, *, node
             cancelled.wait(2.0)
     if result.outcome is Outcome.FAILED:
         log.error("{}: moved to {}: {}", claim.original_name, where, result.error)
+        if on_finished is not None:
+            on_finished(Path(f"{where}{REPORT_SUFFIX}"), result.record)
         return "failed"
     log.info("{}: published {} outputs as {}.* in outbox/", claim.original_name, len(result.files),
              result.record.job.output_stem)
+    if on_finished is not None:
+        on_finished(spool.outbox / f"{result.record.job.output_stem}{REPORT_SUFFIX}", result.record)
     return "done"

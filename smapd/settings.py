@@ -18,6 +18,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from smapd.errors import ConfigError
+from smapd.hooks import parse_template
 
 FORMATS = ("txt", "srt", "vtt", "json")
 
@@ -28,7 +29,7 @@ _SMAP_NAMES = ("MAX_PARALLEL_WORKERS", "USE_PARALLEL_TRANSCRIPTION", "MAX_CONCUR
 RESTART_REQUIRED = frozenset({
     "max_parallel_workers", "use_parallel_transcription", "cpu_threads", "model", "model_cache",
     "engine", "command", "device", "compute_type", "spool_dir", "node", "watch", "log_format",
-    "worker_max_chunks", "worker_max_rss_mb",
+    "worker_max_chunks", "worker_max_rss_mb", "on_done", "hook_timeout", "metrics_file", "metrics_seconds",
 })
 
 
@@ -94,6 +95,12 @@ class Settings(BaseSettings):
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
+    # --- operations ---
+    on_done: str = ""  # the completion hook's command template ("" = none)
+    hook_timeout: float = 60.0
+    metrics_file: str = ""  # Prometheus textfile ("" = none)
+    metrics_seconds: float = 5.0
+
     @field_validator("max_parallel_workers", "cpu_threads", "max_concurrent_jobs", mode="before")
     @classmethod
     def _auto_or_positive(cls, v: Any) -> Any:
@@ -140,6 +147,7 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("rescan_seconds", "settle_seconds", "lease_seconds", "shutdown_grace_seconds",
+                     "hook_timeout", "metrics_seconds",
                      "max_duration_seconds")
     @classmethod
     def _positive_seconds(cls, v: float) -> float:
@@ -152,6 +160,13 @@ class Settings(BaseSettings):
     def _days(cls, v: float) -> float:
         if v < 0:
             raise ValueError("expected days >= 0 (0 = keep forever)")
+        return v
+
+    @field_validator("on_done")
+    @classmethod
+    def _hook(cls, v: str) -> str:
+        if v.strip():
+            parse_template(v)
         return v
 
     @field_validator("formats")

@@ -15,6 +15,7 @@ import pytest
 
 from smapd.errors import ConfigError
 from smapd.hooks import HookEvent, Hooks, expand, parse_template
+from smapd.settings import load_settings
 
 RECORDER = """#!/usr/bin/env python3
 import json, os, sys
@@ -68,12 +69,21 @@ def test_template_is_split_before_substitution() -> None:
     assert expand(["{input}"], {"input": "x\n--flag.wav"}) == ["x\n--flag.wav"]
 
 
+def test_empty_template_means_no_hook() -> None:
+    assert load_settings(on_done="  ").on_done.strip() == ""
+    with pytest.raises(ValueError, match="no command"):
+        parse_template("  ")
+
+
 @pytest.mark.parametrize("bad, words", [("notify 'unbalanced", "No closing quotation"),
-                                         ("notify {reprot}", "unknown placeholder {reprot}"), ("  ", "no command")])
-def test_bad_templates_are_config_errors(bad: str, words: str) -> None:
-    with pytest.raises(ConfigError, match="SMAPD_ON_DONE") as e:
+                                         ("notify {reprot}", "unknown placeholder {reprot}; allowed: {report}")])
+def test_bad_templates_are_one_line_setting_errors(bad: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
         parse_template(bad)
-    assert words in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_settings(on_done=bad)
+    assert str(e.value).startswith(f"setting SMAPD_ON_DONE={bad!r} is invalid: ") and words in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["$(touch pwned).wav", "a;b.wav", "x\n--flag.wav", "sp ace 'q\".wav"])

@@ -99,6 +99,11 @@ class Spool:
         """Files in inbox/ that will be claimed (ready or settling), as of the last ``scan``."""
         return self._intake.waiting_count()
 
+    def oldest_waiting_age(self) -> float:
+        """Seconds (spool clock) the oldest file waiting in inbox/ has waited, as of the last ``scan``."""
+        oldest = self._intake.oldest_mtime()
+        return 0.0 if oldest is None else max(0.0, self._clock.now_or_local()[0] - oldest)
+
     def refuse(self, name: str, reason: str | None = None) -> Path | None:
         """Move a non-regular inbox entry (the link itself, never its target) to failed/ with a report.
 

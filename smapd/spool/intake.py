@@ -70,6 +70,11 @@ class Intake:
         with self._lock:
             return len(self._seen)
 
+    def oldest_mtime(self) -> float | None:
+        """The oldest mtime (s) among the files waiting, as of the last ``scan``; None when none wait."""
+        with self._lock:
+            return min((sig[1] / 1e9 for sig, _ in self._seen.values()), default=None)
+
     def warn_once(self, name: str, message: str, *args: object) -> None:
         """Log a warning about ``name`` once while it stays where it is (not once per scan)."""
         with self._lock:
