@@ -101,6 +101,8 @@ class Daemon:
             raise ConfigError(f"cannot prepare the spool {s.spool_dir}: {e.strerror or e}") from e
         self.config = runner.JobConfig.from_settings(s)
         c = self.config
+        self.spool.profiles = c.profiles.names  # profiles (issue 11): inbox/<profile>/ drop folders
+        self.spool.ensure_layout()
         logger.info("smapd {} node {} on spool {}: engine {}, model {}, {} workers x {} threads ({}), "
                     "MAX_CONCURRENT_JOBS={}, CHUNK_TIMEOUT={:g}s", __import__("smapd").__version__, s.node,
                     s.spool_dir, c.engine.kind, c.model_label, c.workers, c.engine.cpu_threads, c.plan_reason,
@@ -333,6 +335,14 @@ class Daemon:
             self.spool.max_attempts = self.settings.max_attempts
             self.spool.settle_seconds = self.settings.settle_seconds
             setup_logging(self.settings.log_level, self.settings.log_format, timestamps=not _journald())
+        try:  # profiles (issue 11): SIGHUP re-reads the profiles file too
+            assert self.config is not None
+            self.config = runner.with_profiles(self.config, new)
+            self.spool.profiles = self.config.profiles.names
+            self.spool.ensure_layout()
+            logger.info("reload: profiles {}", ", ".join(self.config.profiles.names) or "(none)")
+        except (ConfigError, OSError) as e:
+            logger.error("reload: {}; keeping the running profiles", e)
         logger.info("reloaded configuration: {}", ", ".join(f"{k}={v}" for k, v in now.items()) or "no change")
         self.notify("READY=1")
 

@@ -38,6 +38,8 @@ class DecodeOptions:
     language: str | None = None  # None: detect (only used when no file-level language is known)
     task: str = "transcribe"
     beam_size: int = 5
+    initial_prompt: str | None = None  # issue 11: text the decoder sees as if it came before the chunk
+    hotwords: str | None = None  # issue 11: words to favour (faster-whisper's hotwords prompt)
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,9 @@ class FasterWhisperEngine:
             self.detected = (language, round(float(prob), 4))
         tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual,
                               task=options.task, language=language)
-        prompt = self.model.get_prompt(tokenizer, [], without_timestamps=True)
+        # issue 11: an initial prompt is encoded as previous tokens, as faster-whisper's transcribe does
+        previous = tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
+        prompt = self.model.get_prompt(tokenizer, previous, without_timestamps=True, hotwords=options.hotwords)
         suppress = get_suppressed_tokens(tokenizer, (-1,))
         best: tuple[float, list[int]] | None = None
         # Whisper's temperature fallback: re-decode when the text loops or is improbable.

@@ -27,6 +27,10 @@ class PipelineOptions:
     vad: bool = True  # silence-aware chunks; False = SMAP's fixed cuts
     chunk_seconds: float = 30.0
     max_seconds: float = float("inf")
+    # profiles (issue 11): custom vocabulary and when the language is detected
+    initial_prompt: str = ""
+    hotwords: str = ""
+    language_mode: str = "file"  # "file": detected once per file; "chunk": each chunk detects its own
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     language, probability = (None if options.language == "auto" else options.language), None
     # One chunk: it detects the language from its own encoder pass (no second pass); otherwise
     # detect once on the file's first 30 s of speech and decode every chunk in that language.
-    if len(chunks) > 1 and language is None:
+    if len(chunks) > 1 and language is None and options.language_mode == "file":
         t2 = time.monotonic()
         try:
             language, probability = pool.detect_language(key, audio.speech_prefix(decoded, chunks)).result()
@@ -90,7 +94,8 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
             log.warning("{}: language detection failed ({}); each chunk detects its own", job, e)
         timings["detect_seconds"] = round(time.monotonic() - t2, 3)
 
-    decode_options = DecodeOptions(language=language, task=options.task, beam_size=options.beam_size)
+    decode_options = DecodeOptions(language=language, task=options.task, beam_size=options.beam_size,
+                                   initial_prompt=options.initial_prompt or None, hotwords=options.hotwords or None)
     total = len(chunks)
 
     def started(chunk: Chunk, worker: str) -> None:

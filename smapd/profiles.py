@@ -28,7 +28,6 @@ from pydantic import ValidationError
 
 from smapd.errors import ConfigError
 from smapd.settings import Settings
-from smapd.spool.names import SIDECAR_SUFFIXES, is_sidecar
 
 # The decoding options a profile or sidecar may set: each is a Settings field of the same name.
 OPTIONS = ("language", "task", "beam_size", "formats", "word_timestamps", "vad", "initial_prompt", "hotwords",

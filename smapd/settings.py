@@ -108,6 +108,11 @@ class Settings(BaseSettings):
             raise ValueError("expected 'auto' or a whole number >= 1")
         return n
 
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _path_or_default(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v  # empty: profiles.toml next to SMAPD_CONFIG
+
     @field_validator("chunk_timeout", mode="before")
     @classmethod
     def _auto_or_seconds(cls, v: Any) -> Any:
