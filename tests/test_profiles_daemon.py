@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import helpers
+import numpy as np
 import pytest
 from test_daemon import CLIP, CLIP_TEXT, Node, kill_all, log_has, make_env, start
 
@@ -29,6 +30,10 @@ formats = ["txt", "srt"]
 language = "es"
 formats = "txt"
 beam_size = 1
+
+[profile.mixed]
+language_mode = "chunk"
+formats = "txt"
 """
 SPANISH = helpers.DATA_DIR / "fleurs-es-002.ogg"
 
@@ -70,7 +75,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, model_dir: Path,
            model_cache_dir: Path) -> Iterator[tuple[Node, Spool, Path]]:
     root = tmp_path_factory.mktemp("profiles")
     config = root / "smapd.env"
-    config.write_text("SMAPD_LANGUAGE=auto\nSMAPD_FORMATS=vtt\n")
+    config.write_text("SMAPD_LANGUAGE=auto\nSMAPD_FORMATS=vtt\nSMAPD_CHUNK_SECONDS=12\n")
     (root / "profiles.toml").write_text(PROFILES)  # found next to SMAPD_CONFIG
     env = make_env(model_cache_dir, SMAPD_CONFIG=str(config))
     for key in ("SMAPD_LANGUAGE", "SMAPD_FORMATS"):
@@ -118,6 +123,24 @@ def test_a_sidecar_overrides_the_formats_of_one_file_and_is_archived_with_it(dae
     assert not any(n.startswith("en-subs/side") for n in sp.files("outbox") if not n.startswith("en-subs/side."))
 
 
+def test_an_initial_prompt_in_a_sidecar_reaches_the_decoder(daemon: tuple[Node, Spool, Path]) -> None:
+    """Whisper base hears "Mariana's"; told the name (initial_prompt, or hotwords), it writes "Marianas"."""
+    node, sp, _ = daemon
+    clip = helpers.DATA_DIR / "fleurs-en-006.ogg"
+    sp.drop(clip, "en-subs/plain.ogg")
+    sp.put("en-subs/prompted.ogg.smapd.json", b'{"initial_prompt": "The Northern Marianas."}')
+    sp.drop(clip, "en-subs/prompted.ogg")
+    sp.put("en-subs/hot.ogg.smapd.toml", b'hotwords = "Marianas"\n')
+    sp.drop(clip, "en-subs/hot.ogg")
+    texts = {}
+    for stem in ("plain", "prompted", "hot"):
+        path, r = sp.report("outbox", f"en-subs/{stem}.report.json", node)
+        texts[stem] = (path.parent / f"{stem}.txt").read_text()
+    assert "Mariana's" in texts["plain"], texts
+    assert "Marianas " in texts["prompted"] and "Marianas " in texts["hot"], texts
+    assert r["job"]["options"]["hotwords"] == "Marianas"
+
+
 def test_a_bad_sidecar_sends_its_file_to_failed_naming_the_key(daemon: tuple[Node, Spool, Path]) -> None:
     node, sp, _ = daemon
     sp.put("spanish/bad.ogg.smapd.json", b'{"beam_size": 0, "formats": "txt"}')
@@ -139,7 +162,26 @@ def test_an_unknown_sub_folder_is_refused_with_a_report_naming_the_known_profile
     shutil.copyfile(CLIP, stage / "talk.ogg")
     os.rename(stage, sp.root / "inbox" / "french")
     _, r = sp.report("failed", "*.french.report.json", node, timeout=30)
-    assert "not a profile's drop folder (the known profiles are en-subs, spanish)" in r["error"]
+    assert "not a profile's drop folder (the known profiles are en-subs, mixed, spanish)" in r["error"]
+
+
+def test_language_mode_chunk_detects_each_chunks_language_in_a_mixed_recording(
+        daemon: tuple[Node, Spool, Path]) -> None:
+    """Spanish, 2 s of silence, English: two chunks. Detected once per file (the global default) the
+    English half comes out as Spanish; the profile's language_mode=chunk gets both right."""
+    node, sp, _ = daemon
+    silence = np.zeros(2 * helpers.RATE, dtype=np.int16)
+    pcm = np.concatenate([helpers.decode_pcm16(SPANISH), silence, helpers.decode_pcm16(CLIP)])
+    mixed = helpers.write_pcm16_wav(sp.stage / "mixed.wav", pcm)
+    sp.drop(mixed, "mixed/both.wav")
+    sp.drop(mixed, "both.wav")
+    path, r = sp.report("outbox", "mixed/both.report.json", node)
+    assert len(r["chunks"]) == 2 and r["job"]["options"]["language_mode"] == "chunk"
+    text = (path.parent / "both.txt").read_text()
+    assert "plaza de San Pedro" in text and helpers.word_recall(CLIP_TEXT, text) >= 0.6, text
+    _, once = sp.report("outbox", "both.report.json", node)
+    assert once["job"]["options"]["language_mode"] == "file" and once["language"]["code"] == "es"
+    assert helpers.word_recall(CLIP_TEXT, (sp.root / "outbox" / "both.vtt").read_text()) < 0.6
 
 
 def test_sighup_rereads_the_profiles_file_and_a_bad_one_keeps_the_running_profiles(
@@ -148,7 +190,7 @@ def test_sighup_rereads_the_profiles_file_and_a_bad_one_keeps_the_running_profil
     assert node.proc is not None
     (root / "profiles.toml").write_text(PROFILES + '[profile.late]\nlanguage = "es"\nformats = "txt"\n')
     node.proc.send_signal(signal.SIGHUP)
-    assert log_has(node, "reload: profiles en-subs, late, spanish", 15), node.log_text()[-2000:]
+    assert log_has(node, "reload: profiles en-subs, late, mixed, spanish", 15), node.log_text()[-2000:]
     assert helpers.wait_for(lambda: (sp.root / "inbox" / "late").is_dir(), 5)
     sp.drop(SPANISH, "late/hola.ogg")
     _, r = sp.report("outbox", "late/hola.report.json", node)
