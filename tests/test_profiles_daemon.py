@@ -202,3 +202,31 @@ def test_sighup_rereads_the_profiles_file_and_a_bad_one_keeps_the_running_profil
     sp.drop(CLIP, "en-subs/still.ogg")
     _, r = sp.report("outbox", "en-subs/still.report.json", node)
     assert r["outputs"] == {".txt": "still.txt", ".srt": "still.srt"}
+
+
+def test_smapd_transcribe_uses_the_same_profiles_and_names_the_output_stem(tmp_path: Path, model_dir: Path,
+                                                                            model_cache_dir: Path) -> None:
+    """--profile applies the profile; a FILE.smapd.json next to an input applies to it; flags win;
+    the report names job.output_stem (it was null before)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "profiles.toml").write_text(PROFILES)
+    shutil.copyfile(CLIP, tmp_path / "a.ogg")
+    shutil.copyfile(CLIP, tmp_path / "b.ogg")
+    (tmp_path / "b.ogg.smapd.json").write_text('{"formats": "json"}')
+    env = make_env(model_cache_dir)
+    del env["SMAPD_FORMATS"]
+    base = [sys.executable, "-m", "smapd.cli", "transcribe", "--profiles", str(tmp_path / "profiles.toml"),
+            "--profile", "en-subs", "-q"]
+    p = subprocess.run([*base, "-o", str(tmp_path / "out"), str(tmp_path / "a.ogg"), str(tmp_path / "b.ogg")],
+                       env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == ["a.report.json", "a.srt", "a.txt", "b.json", "b.report.json"]
+    r = json.loads((out / "a.report.json").read_bytes())
+    assert r["job"]["output_stem"] == "a" and r["job"]["profile"] == "en-subs" and r["language"]["code"] == "en"
+    assert r["outputs"] == {".txt": "a.txt", ".srt": "a.srt"}
+    p = subprocess.run([*base, "--formats", "vtt", "-o", str(tmp_path / "flag"), str(tmp_path / "a.ogg")],
+                       env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0 and sorted(os.listdir(tmp_path / "flag")) == ["a.report.json", "a.vtt"], p.stderr
