@@ -10,14 +10,15 @@ Usage: PYTHONPATH=$PWD SMAPD_MODEL_CACHE=... .venv/bin/python bench/vocabulary.p
 """
 from __future__ import annotations
 
-import re
 import sys
-import unicodedata
 from pathlib import Path
 
 from smapd import pipeline
 from smapd.runner import JobConfig
 from smapd.settings import load_settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import helpers
 
 DATA = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/speech")
 # clip -> the target words its reference contains
@@ -41,21 +42,6 @@ VARIANTS = {"none": {}, "initial_prompt": {"initial_prompt": PROMPT}, "hotwords"
             "both": {"initial_prompt": PROMPT, "hotwords": HOTWORDS}}
 
 
-def words(text: str) -> list[str]:
-    text = unicodedata.normalize("NFKC", text).lower().replace("'", "")
-    return re.sub(r"[^\w\s]", " ", text).split()
-
-
-def edits(ref: list[str], hyp: list[str]) -> int:
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
-
-
 def main() -> None:
     refs = {}
     for line in (DATA / "manifest.tsv").read_text(encoding="utf-8").splitlines()[1:]:
@@ -65,18 +51,19 @@ def main() -> None:
     totals = {v: [0, 0, 0, 0, 0, 0] for v in VARIANTS}  # edits, words, targets right, targets, control edits, words
     with config.make_pool() as pool:
         for clip, targets in [*CLIPS.items(), *((c, None) for c in CONTROLS)]:
-            ref = words(refs[clip])
+            ref = refs[clip]
             for variant, opts in VARIANTS.items():  # interleaved: each clip under every variant in turn
                 cfg = config.for_job(None, opts)
                 text = pipeline.run(DATA / clip, pool, cfg.pipeline).text
-                hyp = words(text)
+                hyp = helpers.normalize(text).split()
                 t = totals[variant]
+                e, n = helpers.word_errors(ref, text)
                 if targets is None:
-                    t[4] += edits(ref, hyp)
-                    t[5] += len(ref)
+                    t[4] += e
+                    t[5] += n
                 else:
-                    t[0] += edits(ref, hyp)
-                    t[1] += len(ref)
+                    t[0] += e
+                    t[1] += n
                     t[2] += sum(1 for w in targets if w in hyp)
                     t[3] += len(targets)
                 print(f"{clip[:28]:28} {variant:14} {text.strip()[:90]}", flush=True)

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from smapd import report, runner
-from smapd.models import AudioInfo, Outcome, Segment, Transcript
 from smapd.engine import EngineSpec
+from smapd.models import AudioInfo, Outcome, Segment, Transcript
 from smapd.runner import JobConfig, JobResult
 from smapd.settings import Settings
 from smapd.spool import REPORT_SUFFIX, Claim, Spool, fsio

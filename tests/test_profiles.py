@@ -41,18 +41,18 @@ def test_the_shipped_example_parses() -> None:
 
 @pytest.mark.parametrize("text, message", [
     ('[profile.x]\nlang = "en"\n',
-     r"^profiles file /etc/smapd/profiles.toml: profile 'x': unknown key 'lang'; allowed: language, task, "
-     r"beam_size, formats, word_timestamps, vad, initial_prompt, hotwords, language_mode$"),
+     (r"^profiles file /etc/smapd/profiles.toml: profile 'x': unknown key 'lang'; allowed: language, task, "
+     r"beam_size, formats, word_timestamps, vad, initial_prompt, hotwords, language_mode$")),
     ('[profile.x]\nlanguage = "english"\n',
-     r"^profiles file /etc/smapd/profiles.toml: profile 'x': language='english' is invalid: expected 'auto' or "
-     r"a language code such as en, de, fr$"),
+     (r"^profiles file /etc/smapd/profiles.toml: profile 'x': language='english' is invalid: expected 'auto' or "
+     r"a language code such as en, de, fr$")),
     ('[profile.x]\nbeam_size = 0\n',
      r"^profiles file \S+: profile 'x': beam_size=0 is invalid: expected a whole number >= 1$"),
     ('[profile.x]\ntask = "summarise"\n',
      r"^profiles file \S+: profile 'x': task='summarise' is invalid: Input should be 'transcribe' or 'translate'$"),
     ('[profile.x]\nformats = ["txt", "docx"]\n',
-     r"^profiles file \S+: profile 'x': formats=\['txt', 'docx'\] is invalid: expected a comma-separated subset "
-     r"of txt,srt,vtt,json$"),
+     (r"^profiles file \S+: profile 'x': formats=\['txt', 'docx'\] is invalid: expected a comma-separated subset "
+     r"of txt,srt,vtt,json$")),
     ('[profile.x]\nvad = "maybe"\n',
      r"^profiles file \S+: profile 'x': vad='maybe' is invalid: Input should be a valid boolean"),
     ('[profile.x]\nlanguage_mode = "segment"\n',
@@ -62,8 +62,8 @@ def test_the_shipped_example_parses() -> None:
     ('[profile.x]\nhotwords = { a = 1 }\n',
      r"^profiles file \S+: profile 'x': hotwords=\{'a': 1\} is invalid: expected a single value$"),
     ('[profile."a b"]\nlanguage = "en"\n',
-     r"^profiles file \S+: profile name 'a b' is invalid: expected 1-64 letters, digits, '-' or '_', starting "
-     r"with a letter or digit$"),
+     (r"^profiles file \S+: profile name 'a b' is invalid: expected 1-64 letters, digits, '-' or '_', starting "
+     r"with a letter or digit$")),
     ('[profile.".hidden"]\n', r"profile name '.hidden' is invalid"),
     ('[profile.x]\nlanguage = "en"\n[profile.x]\n', r"^profiles file \S+: not valid TOML: .*line 3"),
     ('language = "en"\n', r"^profiles file \S+: unknown top-level key 'language'; allowed: \[profile.NAME\] tables$"),
@@ -152,8 +152,8 @@ def test_smapd_run_with_a_bad_profiles_file_exits_2_with_one_line(tmp_path: Path
                            "SMAPD_MODEL_CACHE": str(tmp_path / "cache")})
     assert p.returncode == 2, p.stderr
     lines = [line for line in p.stderr.splitlines() if line.startswith("smapd:")]
-    assert lines == [f"smapd: profiles file {bad}: profile 'meetings': beam_size='wide' is invalid: "
-                     f"Input should be a valid integer, unable to parse string as an integer"], p.stderr
+    assert lines == [(f"smapd: profiles file {bad}: profile 'meetings': beam_size='wide' is invalid: "
+                     f"Input should be a valid integer, unable to parse string as an integer")], p.stderr
 
 
 def test_smapd_transcribe_with_an_unknown_profile_exits_2_naming_the_known_ones(tmp_path: Path) -> None:
