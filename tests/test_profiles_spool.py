@@ -125,6 +125,13 @@ def test_a_sidecar_is_never_audio_and_is_claimed_and_archived_with_its_file(sp: 
     assert not list(sp.jobs.iterdir())
 
 
+def test_a_file_whose_name_leaves_no_room_for_a_sidecar_has_none(sp: Spool) -> None:
+    name = "x" * 251 + ".wav"  # 255 bytes: "<name>.smapd.json" cannot exist (ENAMETOOLONG)
+    c = claim(sp, drop(sp, f"en/{name}"))
+    assert sp.sidecar(c) is None
+    assert finish_ok(sp, c).parent == sp.archive / "en"
+
+
 def test_a_failed_file_takes_its_sidecar_to_failed_with_exactly_one_report(sp: Spool) -> None:
     drop(sp, "notes/x.mp3.smapd.toml", b'language = "de"\n')
     c = claim(sp, drop(sp, "notes/x.mp3"))

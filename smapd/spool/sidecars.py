@@ -10,6 +10,7 @@ deletes one. Parsing and validating its content is the runner's (smapd.profiles)
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from smapd.models import JobState
@@ -39,6 +40,8 @@ class Sidecars:
             return held
         inbox = self.layout.dir(JobState.INBOX, profile)
         for suffix in names.SIDECAR_SUFFIXES:
+            if len(os.fsencode(original + suffix)) > names.NAME_MAX:
+                continue  # no such name can exist (ENAMETOOLONG): the file has no sidecar
             src, dst = inbox / f"{original}{suffix}", self.layout.sidecar(job_id, suffix)
             if fsio.rename_verified(src, dst, trust_dst=True):  # dst names this job: no one else makes it
                 return dst
