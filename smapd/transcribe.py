@@ -127,6 +127,9 @@ def check() -> int:
     config = JobConfig.from_settings(settings)
     with config.make_pool():
         pass
+    known = config.profiles
+    where = f" from {known.source}" if known.source else ""
     print(f"ok: engine {config.engine.kind}, model {config.model_label} ({config.engine.model}), "
-          f"{config.workers} workers x {config.engine.cpu_threads} threads ({config.plan_reason})")
+          f"{config.workers} workers x {config.engine.cpu_threads} threads ({config.plan_reason}); "
+          f"{known.known()}{where}")
     return 0
