@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("files", nargs="+", type=Path, metavar="FILE")
     t.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="where outputs go (default: .)")
     opts = t.add_argument_group("options (each overrides its setting)")
+    opts.add_argument("--profile", help="a profile of the profiles file (its options; these flags still win)")
+    opts.add_argument("--profiles", type=Path, metavar="FILE", help="SMAPD_PROFILES: the profiles file")
     opts.add_argument("--model", help="SMAPD_MODEL: 'embedded', a CTranslate2 directory or a model name")
     opts.add_argument("--engine", choices=("faster-whisper", "command"), help="SMAPD_ENGINE")
     opts.add_argument("--command", dest="command_template", help="SMAPD_COMMAND for --engine command")
@@ -44,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     opts.add_argument("--chunk-seconds", type=float, help="SMAPD_CHUNK_SECONDS (5-30)")
     opts.add_argument("--chunk-timeout", help="CHUNK_TIMEOUT in seconds")
     opts.add_argument("--beam-size", type=int, help="SMAPD_BEAM_SIZE")
+    opts.add_argument("--initial-prompt", help="SMAPD_INITIAL_PROMPT: text (names, jargon) the decoder sees first")
+    opts.add_argument("--hotwords", help="SMAPD_HOTWORDS: words to favour")
+    opts.add_argument("--language-mode", choices=("file", "chunk"), help="SMAPD_LANGUAGE_MODE: detect once or per chunk")
     opts.add_argument("--word-timestamps", type=_bool, metavar="BOOL", help="SMAPD_WORD_TIMESTAMPS (words in json)")
     opts.add_argument("--vad", type=_bool, metavar="BOOL", help="SMAPD_VAD: silence-aware chunks (false: fixed cuts)")
     opts.add_argument("--device", choices=("cpu", "cuda", "auto"), help="SMAPD_DEVICE")
@@ -67,7 +72,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "task": args.task, "formats": args.formats, "max_parallel_workers": args.workers,
         "use_parallel_transcription": False if args.sequential else None, "chunk_seconds": args.chunk_seconds,
         "chunk_timeout": args.chunk_timeout, "beam_size": args.beam_size, "word_timestamps": args.word_timestamps,
-        "vad": args.vad, "device": args.device, "compute_type": args.compute_type,
+        "vad": args.vad, "device": args.device, "compute_type": args.compute_type, "profiles": args.profiles,
+        "initial_prompt": args.initial_prompt, "hotwords": args.hotwords, "language_mode": args.language_mode,
     }
 
 
@@ -92,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             from smapd.transcribe import transcribe_files
 
             code = transcribe_files(args.files, args.output_dir, _overrides(args), progress=args.progress,
-                                    quiet=args.quiet)
+                                    quiet=args.quiet, profile=args.profile)
         elif args.command == "run":
             from smapd.daemon import run
 

@@ -121,6 +121,8 @@ class Daemon:
         except OSError as e:
             raise ConfigError(f"cannot prepare the spool {s.spool_dir}: {e.strerror or e}") from e
         self.config = c = runner.JobConfig.from_settings(s)
+        self.spool.profiles = c.profiles.names  # profiles (issue 11): inbox/<profile>/ drop folders
+        self.spool.ensure_layout()
         logger.info("smapd {} node {} on spool {}: engine {}, model {}, {} workers x {} threads ({}), "
                     "MAX_CONCURRENT_JOBS={}, CHUNK_TIMEOUT={:g}s", __version__, s.node, s.spool_dir,
                     c.engine.kind, c.model_label, c.workers, c.engine.cpu_threads, c.plan_reason,
@@ -283,6 +285,13 @@ class Daemon:
                     self.scheduler.reschedule_job(name, trigger="interval", seconds=seconds)
             self.dispatch.recovery_due = self.dispatch.scan_due = True
             setup_logging(s.log_level, s.log_format, timestamps=not _journald())
+        try:  # profiles (issue 11): SIGHUP re-reads the profiles file too
+            self.config = runner.with_profiles(self.config, new)
+            self.spool.profiles = self.config.profiles.names
+            self.spool.ensure_layout()
+            logger.info("reload: profiles {}", ", ".join(self.config.profiles.names) or "(none)")
+        except (ConfigError, OSError) as e:
+            logger.error("reload: {}; keeping the running profiles", e)
         logger.info("reloaded configuration: {}", ", ".join(f"{k}={v}" for k, v in now.items()) or "no change")
         self.notify("READY=1")
 

@@ -33,6 +33,8 @@ class DecodeOptions:
     # True: ``language`` is only a prior; the chunk's own detection overrides it when it is sure
     # (SWITCH_PROBABILITY, SWITCH_SPEECH_SECONDS), so a recording that changes language is followed.
     follow_language: bool = False
+    initial_prompt: str | None = None  # issue 11: text the decoder sees as if it came before the chunk
+    hotwords: str | None = None  # issue 11: words to favour (faster-whisper's hotwords prompt)
 
 
 SWITCH_PROBABILITY = 0.7  # a chunk leaves the file's language only when its detector is this sure...
@@ -169,7 +171,9 @@ class FasterWhisperEngine:
 
         tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual,
                               task=options.task, language=language)
-        prompt = self.model.get_prompt(tokenizer, [], without_timestamps=True)
+        # issue 11: an initial prompt is encoded as previous tokens, as faster-whisper's transcribe does
+        previous = tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
+        prompt = self.model.get_prompt(tokenizer, previous, without_timestamps=True, hotwords=options.hotwords)
         suppress = get_suppressed_tokens(tokenizer, (-1,))
         best: tuple[float, list[int], DecodeSignals] | None = None
         # Whisper's temperature fallback, thinned (each rung is a full decode): re-decode when the

@@ -34,6 +34,10 @@ class PipelineOptions:
     chunk_seconds: float = 30.0
     max_seconds: float = float("inf")
     pack: bool = True  # join a chunk's live stretches without the long pauses (fewer encoder passes)
+    # profiles (issue 11): custom vocabulary and how the language is detected
+    initial_prompt: str = ""
+    hotwords: str = ""
+    language_mode: str = "chunk"  # "chunk": each chunk may leave the file's language; "file": one language
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,8 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
             window, speech = _window(chunk, decoded.float32)
             return TranscribeRequest(window, DecodeOptions(
                 language=prior, task=options.task, beam_size=options.beam_size,
-                follow_language=language is None and forced is None),
+                follow_language=language is None and forced is None and options.language_mode == "chunk",
+                initial_prompt=options.initial_prompt or None, hotwords=options.hotwords or None),
                 speech)
         return build
 

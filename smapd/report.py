@@ -23,7 +23,7 @@ import math
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from smapd import __version__
@@ -134,8 +134,10 @@ class JobInfo:
     """The job: ``id`` (the same for every attempt), ``attempt`` (1 for the first claim, 0 for an entry
     refused before any claim), ``node``, ``claimed_as`` (its processing/ name), ``original_name``,
     ``output_stem`` (outbox/ stem, null when nothing was published), ``attempts`` (one record per
-    attempt: node, pid, when, why it started) and ``warning`` (e.g. "decoding stopped at 41.2 s" for
-    a truncated file, else null)."""
+    attempt: node, pid, when, why it started), ``warning`` (e.g. "decoding stopped at 41.2 s" for
+    a truncated file, else null), ``profile`` (the profile folder it was dropped in, or null) and
+    ``options`` (the decoding options it ran with: global settings < profile < sidecar; null when
+    no engine ran)."""
 
     id: str | None = None
     attempt: int | None = None
@@ -145,6 +147,8 @@ class JobInfo:
     output_stem: str | None = None
     attempts: tuple[Mapping[str, Any], ...] = ()
     warning: str | None = None
+    profile: str | None = None  # issue 11
+    options: dict[str, Any] | None = None  # issue 11
 
 
 @dataclass(frozen=True)
@@ -258,7 +262,7 @@ def build(transcript: Transcript | None, *, input: InputInfo, job: JobInfo, erro
     if transcript is not None and transcript.warning:
         job = dataclasses.replace(job, warning=transcript.warning)
     return Report(
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         host=socket.gethostname(),
         outcome=(transcript.outcome if transcript else Outcome.FAILED).value,
         error=error if error or transcript is None else _default_error(transcript),

@@ -3,6 +3,11 @@
 ``JobConfig`` is built from Settings at the edge (cli, daemon) and carries plain values, so the
 pipeline never reads the environment. ``execute`` is shared by ``smapd transcribe`` and the
 daemon: it returns the rendered outputs and the report; the caller decides where they go.
+
+Profiles (issue 11): a job's decoding options are the global settings (``JobConfig.defaults``),
+then its profile's (the inbox/<profile>/ it was dropped in, or ``--profile``), then its sidecar's;
+``JobConfig.for_job`` gives the job its own config. A job whose profile is unknown or whose sidecar
+is bad goes to failed/ with a report naming the key and what is allowed.
 """
 from __future__ import annotations
 
@@ -18,16 +23,18 @@ from typing import Any
 
 from loguru import logger
 
-from smapd import audio, pipeline, writers
+from smapd import audio, pipeline, profiles, writers
 from smapd.engine import EngineSpec
-from smapd.errors import ClaimLost, PermanentJobError, TransientJobError
+from smapd.errors import ClaimLost, ConfigError, PermanentJobError, TransientJobError
 from smapd.model import EMBEDDED, EMBEDDED_NAME, download_named, resolve_model, sha256_file
 from smapd.models import Outcome, Transcript
 from smapd.pool import Pool
+from smapd.profiles import Profiles
 from smapd.report import EngineInfo, JobInfo, Measured, Report, input_info
 from smapd.report import build as build_report
 from smapd.settings import Settings, plan_workers
 from smapd.spool import REPORT_SUFFIX, Claim, Spool
+from smapd.spool.names import display as names_display
 
 PUBLISH_RETRY_SECONDS = 60.0  # how long a finished job retries publishing before it gives up its claim
 
@@ -48,10 +55,18 @@ class JobConfig:
     worker_max_rss_mb: int = 0
     model_label: str = ""
     plan_reason: str = ""
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # global values of profile options
+    profiles: Profiles = dataclasses.field(default_factory=Profiles)
 
     @classmethod
     def from_settings(cls, s: Settings) -> JobConfig:
-        """Resolve the model (assembling the embedded one if needed) and split the machine."""
+        """Read the profiles file, resolve the model (assembling the embedded one if needed) and
+        split the machine.
+
+        Raises:
+            ConfigError: The profiles file is bad (one line), the model cannot be found, ...
+        """
+        known = profiles.load(s)
         plan = plan_workers(s)
         if s.engine == "command":
             model = s.model if s.model != EMBEDDED else ""
@@ -68,15 +83,32 @@ class JobConfig:
                           compute_type=s.compute_type if device == "cpu" or s.compute_type != "int8"
                           else "int8_float16",
                           cpu_threads=plan.cpu_threads, command=s.command)
-        return cls(
-            engine=spec, workers=plan.workers,
-            pipeline=pipeline.PipelineOptions(
-                language=s.language, task=s.task, beam_size=s.beam_size, vad=s.vad,
-                chunk_seconds=s.chunk_seconds, max_seconds=s.max_duration_seconds),
-            formats=s.format_list, words=s.word_timestamps, chunk_timeout=s.chunk_timeout_seconds,
-            chunk_retries=s.chunk_retries, max_file_bytes=s.max_file_bytes,
-            worker_max_chunks=s.worker_max_chunks, worker_max_rss_mb=s.worker_max_rss_mb,
-            model_label=label, plan_reason=plan.reason)
+        return cls(engine=spec, workers=plan.workers, worker_max_chunks=s.worker_max_chunks,
+                   worker_max_rss_mb=s.worker_max_rss_mb, model_label=label, plan_reason=plan.reason,
+                   profiles=known, **reloadable(s))
+
+    def for_job(self, profile: str | None = None, sidecar: Mapping[str, Any] | None = None) -> JobConfig:
+        """This config with the decoding options of ``profile`` and then ``sidecar`` (validated
+        options, see smapd.profiles) on top of the global ones.
+
+        Raises:
+            ConfigError: ``profile`` is not configured (the message lists the known ones).
+        """
+        layers = [self.profiles.get(profile).options] if profile else []
+        o = profiles.effective(self.defaults, *layers, sidecar or {})
+        return dataclasses.replace(
+            self, formats=tuple(o["formats"].split(",")), words=o["word_timestamps"],
+            pipeline=dataclasses.replace(self.pipeline, language=o["language"], task=o["task"],
+                                         beam_size=o["beam_size"], vad=o["vad"], initial_prompt=o["initial_prompt"],
+                                         hotwords=o["hotwords"], language_mode=o["language_mode"]))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The decoding options this config runs with (for the report's ``job.options``)."""
+        p = self.pipeline
+        return {"language": p.language, "task": p.task, "beam_size": p.beam_size, "formats": ",".join(self.formats),
+                "word_timestamps": self.words, "vad": p.vad, "initial_prompt": p.initial_prompt,
+                "hotwords": p.hotwords, "language_mode": p.language_mode}
 
     def make_pool(self) -> Pool:
         return Pool(self.engine, self.workers, chunk_timeout=self.chunk_timeout, retries=self.chunk_retries,
@@ -191,13 +223,41 @@ def execute(path: Path, pool: Pool, config: JobConfig, *, job: JobInfo | Mapping
 
 
 def reloadable(s: Settings) -> dict[str, Any]:
-    """The JobConfig fields a SIGHUP may change without reloading the model or the pool."""
+    """The JobConfig fields a SIGHUP may change without reloading the model or the pool (the
+    profiles file too: ``with_profiles``)."""
     return {
         "pipeline": pipeline.PipelineOptions(language=s.language, task=s.task, beam_size=s.beam_size, vad=s.vad,
-                                             chunk_seconds=s.chunk_seconds, max_seconds=s.max_duration_seconds),
+                                             chunk_seconds=s.chunk_seconds, max_seconds=s.max_duration_seconds,
+                                             initial_prompt=s.initial_prompt, hotwords=s.hotwords,
+                                             language_mode=s.language_mode),
         "formats": s.format_list, "words": s.word_timestamps, "chunk_timeout": s.chunk_timeout_seconds,
-        "chunk_retries": s.chunk_retries, "max_file_bytes": s.max_file_bytes,
+        "chunk_retries": s.chunk_retries, "max_file_bytes": s.max_file_bytes, "defaults": profiles.defaults(s),
     }
+
+
+def with_profiles(config: JobConfig, s: Settings) -> JobConfig:
+    """``config`` with the profiles file re-read (SIGHUP).
+
+    Raises:
+        ConfigError: The file is bad (one line); the caller keeps the running profiles.
+    """
+    return dataclasses.replace(config, profiles=profiles.load(s))
+
+
+def job_config(claim: Claim, spool: Spool, config: JobConfig) -> JobConfig:
+    """The config of one claimed job: its profile folder's options, then its sidecar's.
+
+    Raises:
+        ConfigError: Its profile is not configured, or its sidecar is bad (one line naming the key).
+        OSError: The sidecar cannot be moved or read (transient: the job is retried).
+    """
+    found = spool.sidecar(claim)
+    label = f"sidecar {names_display(claim.original_name)}{found[0]}" if found else ""
+    overrides = profiles.parse_sidecar(found[1], found[0], label) if found else {}
+    if claim.profile and claim.profile not in config.profiles.by_name:
+        raise ConfigError(f"it was dropped in inbox/{claim.profile}/, but there is no profile "
+                          f"{claim.profile!r} ({config.profiles.known()})")
+    return config.for_job(claim.profile, overrides)
 
 
 def run_claim(claim: Claim, spool: Spool, pool: Pool, config: JobConfig, *, node: str, lost: threading.Event,
@@ -215,11 +275,19 @@ def run_claim(claim: Claim, spool: Spool, pool: Pool, config: JobConfig, *, node
     is called once the job is in archive/ or failed/ (the completion hook, the metrics).
     """
     log = logger.bind(job=claim.original_name)
-    log.info("{}: job {} started (attempt {}, node {})", claim.original_name, claim.job_id, claim.attempt, node)
+    log.info("{}: job {} started (attempt {}, node {}{})", claim.original_name, claim.job_id, claim.attempt, node,
+             f", profile {claim.profile}" if claim.profile else "")
     job = JobInfo(id=claim.job_id, attempt=claim.attempt, node=node, claimed_as=claim.path.name,
-                  original_name=claim.original_name, attempts=claim.history)
-    result = execute(claim.path, pool, config, job=job, display_name=claim.original_name, key=claim.job_id,
-                     on_progress=on_progress)
+                  original_name=claim.original_name, attempts=claim.history, profile=claim.profile)
+    try:
+        config = job_config(claim, spool, config)
+    except ConfigError as e:  # bad sidecar, unknown profile: the file goes to failed/ saying why
+        result = JobResult(outcome=Outcome.FAILED, files={}, error=str(e), record=build_report(
+            None, input=input_info(claim.original_name), job=job, error=str(e), engine=config.engine_info()))
+    else:
+        job = dataclasses.replace(job, options=config.options)
+        result = execute(claim.path, pool, config, job=job, display_name=claim.original_name, key=claim.job_id,
+                         on_progress=on_progress)
     if lost.is_set():
         log.warning("{}: claim lost to another node during the job; publishing nothing", claim.original_name)
         return "lost"
@@ -253,5 +321,6 @@ def run_claim(claim: Claim, spool: Spool, pool: Pool, config: JobConfig, *, node
     log.info("{}: published {} outputs as {}.* in outbox/", claim.original_name, len(result.files),
              result.record.job.output_stem)
     if on_finished is not None:
-        on_finished(spool.outbox / f"{result.record.job.output_stem}{REPORT_SUFFIX}", result.record)
+        on_finished(spool.layout.outbox_dir(claim.profile) / f"{result.record.job.output_stem}{REPORT_SUFFIX}",
+                    result.record)
     return "done"

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     chunk_seconds: float = 30.0
     chunk_retries: int = 1
     formats: str = "txt,srt,vtt,json"
+    # profiles (issue 11): defaults a profile or sidecar may override; see smapd/profiles.py
+    initial_prompt: str = ""
+    hotwords: str = ""
+    language_mode: Literal["file", "chunk"] = "chunk"
+    profiles: Path | None = None  # SMAPD_PROFILES; default: profiles.toml next to SMAPD_CONFIG
 
     # --- limits ---
     max_file_bytes: int = 4 * 1024**3
@@ -110,6 +115,11 @@ class Settings(BaseSettings):
         if n is None or n < 1:
             raise ValueError("expected 'auto' or a whole number >= 1")
         return n
+
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _path_or_default(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v  # empty: profiles.toml next to SMAPD_CONFIG
 
     @field_validator("chunk_timeout", mode="before")
     @classmethod
@@ -194,6 +204,13 @@ class Settings(BaseSettings):
         return v
 
     # --- derived values ---
+    @property
+    def profiles_file(self) -> tuple[Path, bool]:
+        """The profiles file and whether it was named explicitly (SMAPD_PROFILES: then it must exist)."""
+        if self.profiles is not None:
+            return self.profiles, True
+        return Path(os.environ.get("SMAPD_CONFIG") or ".env").parent / "profiles.toml", False
+
     @property
     def format_list(self) -> tuple[str, ...]:
         return tuple(self.formats.split(","))

@@ -20,11 +20,16 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _where(entry: dict[str, Any]) -> str:
+    """A file's name with its profile (issue 11): ``talk.mp3 [profile meetings]``."""
+    return f"{entry.get('name')} [profile {entry['profile']}]" if entry.get("profile") else str(entry.get("name"))
+
+
 def render_text(state: dict[str, Any]) -> str:
     """A few aligned sections a tired operator can read at a glance."""
     lines = [f"spool {state['spool']}"]
-    waiting = state.get("waiting", [])
-    lines.append(f"waiting: {len(waiting)}" + (": " + ", ".join(w["name"] for w in waiting[:10]) if waiting else "")
+    waiting = [w for w in state.get("waiting", []) if not w.get("sidecar")]
+    lines.append(f"waiting: {len(waiting)}" + (": " + ", ".join(_where(w) for w in waiting[:10]) if waiting else "")
                  + (" ..." if len(waiting) > 10 else ""))
     progress = {j["job_id"]: j for n in state.get("nodes", []) for j in n.get("jobs", [])}
     claims = state.get("processing", [])
@@ -33,12 +38,12 @@ def render_text(state: dict[str, Any]) -> str:
         p = progress.get(c["job_id"], {})
         chunks = f"chunk {p.get('chunks_done', 0)}/{p.get('chunks_total', 0)}" if p else "no progress reported"
         stale = "  STALE (lease expired)" if c.get("stale") else ""
-        lines.append(f"  {c['name']}  node {c['node']}  attempt {c['attempt']}  {chunks}  "
+        lines.append(f"  {_where(c)}  node {c['node']}  attempt {c['attempt']}  {chunks}  "
                      f"lease age {_age(c.get('age'))}{stale}")
     failures = state.get("failures", [])
     lines.append(f"recent failures: {len(failures)}")
     for f in failures[:10]:
-        lines.append(f"  {f['name']}: {f.get('error') or 'see its report'}")
+        lines.append(f"  {_where(f)}: {f.get('error') or 'see its report'}")
     nodes = state.get("nodes", [])
     lines.append(f"nodes: {len(nodes)}")
     for n in nodes:

@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 
-from smapd import writers
+from smapd import profiles, writers
 from smapd.errors import SmapdError
 from smapd.logs import setup_logging
 from smapd.models import Outcome
 from smapd.pipeline import Progress
+from smapd.report import JobInfo
 from smapd.runner import JobConfig, execute
 from smapd.settings import load_settings
+from smapd.spool.names import SIDECAR_SUFFIXES
 
 
 def _progress_bar(name: str) -> tuple[Callable[[Progress], None], Callable[[], None]]:
@@ -37,9 +40,38 @@ def _progress_bar(name: str) -> tuple[Callable[[Progress], None], Callable[[], N
     return update, close
 
 
+def _options_for(path: Path, config: JobConfig, profile: str | None, explicit: dict[str, Any]) -> JobConfig:
+    """The daemon's layering for one file: settings < profile < its sidecar (``FILE.smapd.json`` or
+    ``.toml`` next to it) < the options given on the command line.
+
+    Raises:
+        ConfigError: The profile is unknown or the sidecar is bad (one line).
+    """
+    sidecar: dict[str, Any] = {}
+    for suffix in SIDECAR_SUFFIXES:
+        side = path.with_name(path.name + suffix)
+        if side.is_file():
+            sidecar = profiles.parse_sidecar(side.read_bytes(), suffix, f"sidecar {side}")
+            break
+    return config.for_job(profile, {**sidecar, **explicit})
+
+
 def transcribe_files(files: list[Path], out_dir: Path, overrides: dict[str, Any], *, progress: str = "auto",
-                     quiet: bool = False) -> int:
-    """Transcribe each file into ``out_dir``; the exit code of the worst outcome."""
+                     quiet: bool = False, profile: str | None = None) -> int:
+    """Transcribe each file into ``out_dir``; the exit code of the worst outcome.
+
+    Args:
+        files: The inputs.
+        out_dir: Where outputs go.
+        overrides: Settings given on the command line (None = not given); ``profiles`` names the
+            profiles file.
+        progress: "auto", "bar" or "log".
+        quiet: Only warnings and errors.
+        profile: A profile of the profiles file whose options apply (command-line options win).
+
+    Raises:
+        SmapdError: Bad settings, profiles file, profile or sidecar (exit 2).
+    """
     settings = load_settings(**overrides)
     use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
     setup_logging("WARNING" if quiet or use_bar else settings.log_level, settings.log_format)
@@ -48,6 +80,8 @@ def transcribe_files(files: list[Path], out_dir: Path, overrides: dict[str, Any]
     except OSError as e:
         raise SmapdError(f"cannot create the output directory {out_dir}: {e.strerror}") from e
     config = JobConfig.from_settings(settings)
+    config.for_job(profile)  # an unknown profile fails now, before the model loads
+    explicit = {k: getattr(settings, k) for k in profiles.OPTIONS if overrides.get(k) is not None}
     logger.info("smapd transcribe: engine {}, model {}, {} workers x {} threads ({}), CHUNK_TIMEOUT={:g}s",
                 config.engine.kind, config.model_label, config.workers, config.engine.cpu_threads,
                 config.plan_reason, config.chunk_timeout)
@@ -58,13 +92,17 @@ def transcribe_files(files: list[Path], out_dir: Path, overrides: dict[str, Any]
         for path in files:
             update, close = _progress_bar(path.name) if use_bar else (None, lambda: None)
             started = time.monotonic()
+            job_config = _options_for(path, config, profile, explicit)
             try:
-                result = execute(path, pool, config, job={"id": None, "attempt": 1, "node": settings.node},
-                                 on_progress=update)
+                result = execute(path, pool, job_config, on_progress=update,
+                                 job=JobInfo(id=None, attempt=1, node=settings.node, original_name=path.name,
+                                             profile=profile, options=job_config.options))
             finally:
                 close()
             stem = path.stem or path.name
-            written = writers.publish(out_dir, stem, result.files, result.report)
+            if result.outcome is not Outcome.FAILED:
+                result = result.published_as(stem)  # the report names its outputs and stem
+            written = writers.publish(out_dir, stem, result.files, result.record)
             code = {Outcome.SUCCESS: 0, Outcome.PARTIAL: 3, Outcome.FAILED: 1}[result.outcome]
             severity = {0: 0, 3: 1, 1: 2}  # failed > partial > success
             worst = code if severity[code] > severity[worst] else worst
@@ -89,6 +127,9 @@ def check() -> int:
     config = JobConfig.from_settings(settings)
     with config.make_pool():
         pass
+    known = config.profiles
+    where = f" from {known.source}" if known.source else ""
     print(f"ok: engine {config.engine.kind}, model {config.model_label} ({config.engine.model}), "
-          f"{config.workers} workers x {config.engine.cpu_threads} threads ({config.plan_reason})")
+          f"{config.workers} workers x {config.engine.cpu_threads} threads ({config.plan_reason}); "
+          f"{known.known()}{where}")
     return 0

@@ -32,7 +32,12 @@ class _Handler(FileSystemEventHandler):
 
     def _name(self, path: str | bytes) -> str | None:
         path = os.fsdecode(path)
-        return os.path.basename(path) if os.path.dirname(path) == self.inbox else None
+        parent = os.path.dirname(path)
+        if parent == self.inbox:
+            return os.path.basename(path)
+        if os.path.dirname(parent) == self.inbox:  # profiles (issue 11): inbox/<profile>/<name>
+            return f"{os.path.basename(parent)}/{os.path.basename(path)}"
+        return None
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, (FileMovedEvent, DirMovedEvent)):
@@ -63,7 +68,9 @@ def _observer(mode: str) -> BaseObserver:
 
 
 class InboxWatcher:
-    """Watches one directory, not recursively, and calls ``on_hint(name, ready)`` from its thread.
+    """Watches one directory and its sub-folders (profile drop folders; hints for deeper entries are
+    dropped) and calls ``on_hint(name, ready)`` from its thread, ``name`` as ``<folder>/<name>`` in a
+    sub-folder.
 
     Args:
         inbox: The directory to watch.
@@ -100,7 +107,7 @@ class InboxWatcher:
 
     def _start(self, mode: str) -> BaseObserver:
         observer = _observer(mode)
-        observer.schedule(self._handler, str(self.inbox), recursive=False)
+        observer.schedule(self._handler, str(self.inbox), recursive=True)  # profile folders (issue 11)
         try:
             observer.start()  # inotify_init/add_watch happen here: ENOSPC when out of watches
         except BaseException:

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 from smapd import report, runner
+from smapd.engine import EngineSpec
 from smapd.models import AudioInfo, Outcome, Segment, Transcript
-from smapd.runner import JobResult
+from smapd.runner import JobConfig, JobResult
+from smapd.settings import Settings
 from smapd.spool import REPORT_SUFFIX, Claim, Spool, fsio
 
 
@@ -43,8 +45,12 @@ def sp(tmp_path: Path) -> Spool:
     return s
 
 
+CONFIG = JobConfig(engine=EngineSpec(kind="command", model=""), workers=1,
+                   **runner.reloadable(Settings.model_construct()))  # the defaults; no engine runs
+
+
 def run(sp: Spool, claim: Claim, lost: threading.Event | None = None) -> str:
-    return runner.run_claim(claim, sp, None, None, node=sp.node, lost=lost or threading.Event(),  # type: ignore[arg-type]
+    return runner.run_claim(claim, sp, None, CONFIG, node=sp.node, lost=lost or threading.Event(),  # type: ignore[arg-type]
                             cancelled=threading.Event())
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import helpers
+import testkit as tk
 import numpy as np
 import pytest
 
@@ -24,11 +24,11 @@ pytestmark = pytest.mark.slow
 def two_languages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """~70 s of English, 12 s of silence (a long pause always ends a chunk), the Spanish clip twice."""
     work = tmp_path_factory.mktemp("two-languages")
-    en = helpers.make_longform(helpers.manifest_clips("en")[:7], work / "en.wav", seed=3, long_pause_every=0)
-    es = helpers.make_longform(helpers.manifest_clips("es"), work / "es.wav", seed=3, repeat=2, long_pause_every=0)
-    pcm = np.concatenate([helpers.decode_pcm16(work / "en.wav"), np.zeros(12 * 16000, dtype=np.int16),
-                          helpers.decode_pcm16(work / "es.wav")])
-    path = helpers.write_pcm16_wav(work / "two.wav", pcm)
+    en = tk.make_longform(tk.manifest_clips("en")[:7], work / "en.wav", seed=3, long_pause_every=0)
+    es = tk.make_longform(tk.manifest_clips("es"), work / "es.wav", seed=3, repeat=2, long_pause_every=0)
+    pcm = np.concatenate([tk.decode_pcm16(work / "en.wav"), np.zeros(12 * 16000, dtype=np.int16),
+                          tk.decode_pcm16(work / "es.wav")])
+    path = tk.write_pcm16_wav(work / "two.wav", pcm)
     return path, en.reference_text, es.reference_text
 
 
@@ -47,8 +47,8 @@ def test_each_block_is_decoded_in_its_own_language(two_languages: tuple[Path, st
     assert transcript.language == "en"  # more English speech than Spanish
     english = " ".join(s.text for c in transcript.chunks if c.language and c.language[0] == "en" for s in c.segments)
     spanish = " ".join(s.text for c in transcript.chunks if c.language and c.language[0] == "es" for s in c.segments)
-    assert helpers.word_recall(es_text, spanish) >= 0.6, spanish  # Spanish words, not an English rendering
-    assert helpers.word_recall(en_text, english) >= 0.8, english
+    assert tk.word_recall(es_text, spanish) >= 0.6, spanish  # Spanish words, not an English rendering
+    assert tk.word_recall(en_text, english) >= 0.8, english
 
 
 def test_a_forced_language_is_kept_for_every_chunk(two_languages: tuple[Path, str, str], pool: Pool) -> None:

@@ -29,7 +29,8 @@ SCHEMA: dict[str, set[str] | None] = {
     "chunks": None,
     "totals": {"wall_seconds", "cpu_seconds", "peak_rss_mb", "real_time_factor", "success_rate", "chunks_ok",
                "chunks_failed", "speech_seconds", "stage_seconds"},
-    "job": {"id", "attempt", "node", "claimed_as", "original_name", "output_stem", "attempts", "warning"},
+    "job": {"id", "attempt", "node", "claimed_as", "original_name", "output_stem", "attempts", "warning", "profile",
+            "options"},
     "outputs": None,
 }
 CHUNK_KEYS = {"index", "start", "end", "attempts", "seconds", "status", "chars", "error", "worker",

@@ -5,8 +5,12 @@ spool: one method per verb (scan, claim, heartbeat, recover, finish, release, re
 own module: ``layout`` (paths), ``names`` (every name, formatted and parsed), ``fsio`` (atomic
 write, publish, verified rename), ``intake`` (settling, refusals), ``leases`` (the spool clock,
 the expiry rule, the lease table), ``claims`` (claim, recover, release, attempt log), ``stems``
-(output stems), ``finish`` (every way a job ends) and ``nodes`` (node status, `smapd status`,
-pruning).
+(output stems), ``sidecars`` (per-file options moving with their file), ``finish`` (every way a
+job ends) and ``nodes`` (node status, `smapd status`, pruning).
+
+Profiles (issue 11, DESIGN §1 inv. 11): the caller sets ``profiles`` (the configured names); an
+entry of ``inbox/<profile>/`` is named ``<profile>/<name>`` in every verb that takes an inbox name,
+and its claim, outputs, archive and failure stay in that profile's folders.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from loguru import logger
 
 from smapd.models import JobState
 from smapd.report import Report
-from smapd.spool import names
+from smapd.spool import fsio, names
 from smapd.spool.claims import Claim, Claims
 from smapd.spool.finish import Finisher
 from smapd.spool.fsio import atomic_write
@@ -30,6 +34,7 @@ from smapd.spool.layout import Layout
 from smapd.spool.leases import Clock, Leases, pid_alive
 from smapd.spool.names import REPORT_SUFFIX
 from smapd.spool.nodes import Nodes
+from smapd.spool.sidecars import Sidecars
 from smapd.spool.stems import Stems
 
 __all__ = ["REPORT_SUFFIX", "Claim", "ScanResult", "Spool", "atomic_write", "names"]
@@ -39,7 +44,8 @@ class Spool:
     """The spool at ``root`` as seen by node ``node`` (this process: one instance per node)."""
 
     def __init__(self, root: Path, node: str, lease_seconds: float = 120, max_attempts: int = 3,
-                 settle_seconds: float = 2.0, alive: Callable[[int], bool] = pid_alive) -> None:
+                 settle_seconds: float = 2.0, alive: Callable[[int], bool] = pid_alive,
+                 profiles: tuple[str, ...] = ()) -> None:
         if not names.valid_node(node):
             raise ValueError(f"node name {node!r} must be 1-64 characters without '/', '_' or spaces")
         self.layout = layout = Layout(Path(root))
@@ -50,9 +56,11 @@ class Spool:
             layout.outbox, layout.meta, layout.tmp, layout.nodes, layout.jobs, layout.stems)
         self._clock = Clock(layout.clock(node))
         self._leases = Leases(node, lease_seconds, alive)
-        self._intake = Intake(self.inbox, settle_seconds, self._clock.now)
         self._stems = Stems(layout)
-        self._claims = Claims(layout, self._clock, self._leases, self._stems)
+        self._sidecars = Sidecars(layout)
+        self._claims = Claims(layout, self._clock, self._leases, self._stems, self._sidecars)
+        self._intake = Intake(self.inbox, settle_seconds, self._clock.now, self._claims.in_flight)
+        self._intake.profiles = tuple(profiles)
         self._finish = Finisher(layout, self._clock, self._leases, self._claims)
         self._nodes = Nodes(layout, self._clock, self._claims, node)
         # Two threads of this process taking over one claim would both "win": the takeover name
@@ -77,9 +85,18 @@ class Spool:
     def settle_seconds(self, value: float) -> None:
         self._intake.settle_seconds = value
 
+    @property
+    def profiles(self) -> tuple[str, ...]:
+        """The profiles whose folders are served (inbox/<profile>/ is a drop folder)."""
+        return self._intake.profiles
+
+    @profiles.setter
+    def profiles(self, value: tuple[str, ...]) -> None:
+        self._intake.profiles = tuple(value)
+
     def ensure_layout(self) -> None:
-        """Create the spool directories that are missing."""
-        self.layout.ensure()
+        """Create the spool directories that are missing, the profiles' folders included."""
+        self.layout.ensure(self.profiles)
 
     # --- intake ---------------------------------------------------------------------------------------
 
@@ -105,18 +122,20 @@ class Spool:
         return 0.0 if oldest is None else max(0.0, self._clock.now_or_local()[0] - oldest)
 
     def refuse(self, name: str, reason: str | None = None) -> Path | None:
-        """Move a non-regular inbox entry (the link itself, never its target) to failed/ with a report.
+        """Move a non-regular inbox entry (the link itself, never its target), a sub-folder that is
+        no profile's, or an orphan sidecar to failed/[<profile>/] with a report.
 
         Args:
-            name: The inbox name.
-            reason: One sentence for the report; by default what ``scan`` says about its file type.
+            name: The inbox name (``<profile>/<name>`` in a profile folder).
+            reason: One sentence for the report; by default what ``scan`` said about it.
 
         Returns:
             Its path in failed/, or None when it is gone or cannot be moved (one warning per name).
         """
+        profile, base = names.split_rel(name)
         try:
-            reason = reason or refusal(name, (self.inbox / name).lstat().st_mode)
-            return self._finish.refuse(self.inbox / name, name, names.new_job_id(), reason)
+            reason = reason or self._intake.reason(name, (self.inbox / name).lstat().st_mode)
+            return self._finish.refuse(self.inbox / name, base, names.new_job_id(), reason, profile=profile)
         except OSError as e:
             self._intake.warn_once(name, "cannot move inbox/{} to failed/ ({}); skipping it: {}",
                                    names.display(name), e.strerror or e, reason)
@@ -131,15 +150,18 @@ class Spool:
             The claim, or None when another node won the race (normal, silent).
         """
         job = names.new_job_id()
-        c = self._claims.rename_in(self.inbox / name, name, job, 1)
+        profile, base = names.split_rel(name)
+        c = self._claims.rename_in(self.inbox / name, base, job, 1, profile)
         if c is None:
             return None
         self._intake.forget(name)
         mode = c.path.lstat().st_mode
         if not stat.S_ISREG(mode):  # swapped for a link/FIFO after the scan: refuse it after all
-            self._finish.refuse(c.path, name, job, refusal(name, mode), claimed=c)
+            self._finish.refuse(c.path, base, job, refusal(name, mode), claimed=c, profile=profile)
             return None
-        started = self._claims.start(c, "claimed from inbox/")
+        with fsio.quiet():  # the sidecar follows its file at once; the runner retries (``sidecar``)
+            self._sidecars.take(job, profile, base)
+        started = self._claims.start(c, f"claimed from inbox/{profile + '/' if profile else ''}")
         if started is not None:
             logger.debug("claimed {} as job {}", names.display(name), job)
         return started
@@ -158,9 +180,19 @@ class Spool:
         """Every parseable claim in processing/ with its fresh stat (gone ones are skipped)."""
         return self._claims.scan()
 
-    def parse(self, name: str) -> Claim | None:
-        """The claim a processing/ name describes, or None if it is not a claim name."""
-        return self._claims.parse(name)
+    def parse(self, name: str, profile: str | None = None) -> Claim | None:
+        """The claim a processing/[<profile>/] name describes, or None if it is not a claim name."""
+        return self._claims.parse(name, profile)
+
+    def sidecar(self, claim: Claim) -> tuple[str, bytes] | None:
+        """The claimed file's sidecar as ``(suffix, content)``, or None when it has none. Takes it
+        from the inbox folder if it is still there (a node died between the two renames).
+
+        Raises:
+            OSError: It cannot be moved or read.
+        """
+        self._sidecars.take(claim.job_id, claim.profile, claim.original_name)
+        return self._sidecars.read(claim.job_id)
 
     def recoverable(self) -> list[Claim]:
         """Claims this node may take over now: its own dead ones first (no lease wait), then any
@@ -188,7 +220,7 @@ class Spool:
                 logger.warning("{} moved to failed/ after {} attempts", names.display(claim.original_name),
                                claim.attempt)
             return None
-        new = self._claims.rename_in(claim.path, claim.original_name, claim.job_id, claim.attempt + 1)
+        new = self._claims.rename_in(claim.path, claim.original_name, claim.job_id, claim.attempt + 1, claim.profile)
         if new is None:
             return None
         new = self._claims.start(new, f"took over from {claim.node} (attempt {claim.attempt}) because {why}")
@@ -205,7 +237,7 @@ class Spool:
 
     def output_stem(self, claim: Claim) -> str:
         """The outbox stem for this job, reserved for it, free of other jobs' outputs (see ``stems``)."""
-        return self._stems.take(claim.job_id, claim.original_name)
+        return self._stems.take(claim.job_id, claim.original_name, claim.profile)
 
     def finish(self, claim: Claim, files: Mapping[str, bytes], report: Report) -> Path:
         """End a job, whatever its outcome (see ``finish.Finisher.finish``)."""

@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from smapd.models import JobState
 from smapd.spool import fsio, names
 from smapd.spool.layout import Layout
 from smapd.spool.leases import Clock, Key, Leases, lease_stamp, touch
+from smapd.spool.sidecars import Sidecars
 from smapd.spool.stems import Stems
 
 
@@ -35,6 +36,7 @@ class Claim:
     pid: int = 0
     truncated: bool = False  # the processing name holds a shortened <orig>; see the name sidecar
     history: tuple[dict[str, Any], ...] = field(default=(), compare=False, hash=False)  # one record per attempt
+    profile: str | None = None  # the profile folder it was dropped in (inbox/<profile>/), None for inbox/
 
     @property
     def key(self) -> Key:
@@ -54,24 +56,25 @@ class Listed:
 class Claims:
     """The claims in processing/ as node ``leases.node`` sees them."""
 
-    def __init__(self, layout: Layout, clock: Clock, leases: Leases, stems: Stems) -> None:
-        self.layout, self.clock, self.leases, self.stems = layout, clock, leases, stems
+    def __init__(self, layout: Layout, clock: Clock, leases: Leases, stems: Stems, sidecars: Sidecars) -> None:
+        self.layout, self.clock, self.leases, self.stems, self.sidecars = layout, clock, leases, stems, sidecars
         self.processing = layout.dir(JobState.PROCESSING)
         self._warned: set[str] = set()
 
     # --- taking --------------------------------------------------------------------------------------
 
-    def rename_in(self, src: Path, name: str, job_id: str, attempt: int) -> Claim | None:
-        """The claim rename of ``src`` (inbox/<name> or a stale claim) as ``attempt`` of ``job_id``
-        for this node; None when another node won (ENOENT: normal, silent)."""
-        c = self._make(name, job_id, attempt)
+    def rename_in(self, src: Path, name: str, job_id: str, attempt: int, profile: str | None = None) -> Claim | None:
+        """The claim rename of ``src`` (inbox/[<profile>/]<name> or a stale claim) as ``attempt`` of
+        ``job_id`` for this node, within the same profile folder; None when another node won (ENOENT:
+        normal, silent)."""
+        c = self._make(name, job_id, attempt, profile)
         if c.truncated and not self.layout.name_sidecar(job_id).exists():
             # the only full copy of the name must exist before the short one does
             fsio.atomic_write(self.layout.name_sidecar(job_id), fsio.json_bytes(
                 {"name": names.display(name), "raw": list(os.fsencode(name))}), self.layout.tmp)
         if not fsio.rename_verified(src, c.path, trust_dst=True):
             if attempt == 1:
-                self.forget(job_id)
+                self.forget(job_id, profile)
             return None
         return c
 
@@ -87,7 +90,7 @@ class Claims:
         with fsio.quiet():  # best effort: a missing record is reported as such
             fsio.atomic_write(self.layout.attempt_record(c.job_id, c.attempt), fsio.json_bytes({
                 "attempt": c.attempt, "node": c.node, "pid": c.pid, "at": self.clock.now(),
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "how": how}), self.layout.tmp)
+                "started": datetime.now(UTC).isoformat(timespec="seconds"), "how": how}), self.layout.tmp)
         return dataclasses.replace(c, history=tuple(self.attempts(c)))
 
     def heartbeat(self, claim: Claim) -> None:
@@ -108,8 +111,8 @@ class Claims:
 
     # --- looking -------------------------------------------------------------------------------------
 
-    def parse(self, name: str) -> Claim | None:
-        """The claim a processing/ name describes, or None if it is not a claim name."""
+    def parse(self, name: str, profile: str | None = None) -> Claim | None:
+        """The claim a processing/[<profile>/] name describes, or None if it is not a claim name."""
         p = names.parse_claim(name)
         if p is None:
             return None
@@ -119,21 +122,41 @@ class Claims:
                 orig = os.fsdecode(bytes(json.loads(self.layout.name_sidecar(p.job_id).read_bytes())["raw"]))
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # the sidecar is lost: the shortened name is the best we have
-        return Claim(p.job_id, p.node, p.attempt, orig, self.processing / name, p.pid, p.truncated)
+        return Claim(p.job_id, p.node, p.attempt, orig, self.layout.dir(JobState.PROCESSING, profile) / name, p.pid,
+                     p.truncated, profile=profile)
+
+    def names_in(self) -> list[tuple[str | None, str]]:
+        """``(profile, name)`` of every entry in processing/ and its profile folders (a directory
+        there that is not a claim name is a profile folder: smapd made it)."""
+        found: list[tuple[str | None, str]] = []
+        with os.scandir(self.processing) as entries:
+            for e in entries:
+                if names.parse_claim(e.name) is None and e.is_dir(follow_symlinks=False):
+                    with fsio.quiet(), os.scandir(e.path) as inner:
+                        found.extend((e.name, i.name) for i in inner)
+                else:
+                    found.append((None, e.name))
+        return found
 
     def scan(self) -> Iterator[tuple[Claim, os.stat_result]]:
-        """Every parseable claim in processing/ with its fresh stat (gone ones are skipped)."""
-        with os.scandir(self.processing) as entries:
-            found = [e.name for e in entries]
-        for name in found:
-            c = self.parse(name)
-            st = fsio.fresh_stat(self.processing / name) if c else None
+        """Every parseable claim in processing/ (and its profile folders) with its fresh stat (gone
+        ones are skipped)."""
+        for profile, name in self.names_in():
+            c = self.parse(name, profile)
+            st = fsio.fresh_stat(c.path) if c else None
             if c is None:
-                if name not in self._warned:
-                    self._warned.add(name)
-                    logger.warning("processing/{} is not a claim name; leaving it alone", names.display(name))
+                rel = names.join_rel(profile, name)
+                if rel not in self._warned:
+                    self._warned.add(rel)
+                    logger.warning("processing/{} is not a claim name; leaving it alone", names.display(rel))
             elif st is not None:
                 yield c, st
+
+    def in_flight(self, profile: str | None, original: str) -> bool:
+        """Whether a claim of ``original`` from this inbox folder is in processing/ (its sidecar is
+        about to follow it: never an orphan)."""
+        return any(p == profile and (c := names.parse_claim(n)) is not None and c.original == original
+                   for p, n in self.names_in())
 
     def judge(self, c: Claim, st: os.stat_result, now: float) -> Listed:
         """The one rule for when a claim may be taken over: its process on this node is gone (at
@@ -177,26 +200,33 @@ class Claims:
         Raises:
             ClaimLost: It was taken over before it could be released.
         """
-        inbox = self.layout.dir(JobState.INBOX)
+        inbox = self.layout.dir(JobState.INBOX, claim.profile)
         for dest in names.released_names(claim.original_name, claim.job_id):
+            if os.path.lexists(inbox / dest):
+                continue
+            back = None
             try:
+                back = self.sidecars.put_back(claim.job_id, inbox, dest)  # the sidecar first, the file last
                 fsio.rename_noreplace(claim.path, inbox / dest)
             except FileExistsError:
+                self.sidecars.keep(claim.job_id, back)
                 continue
             except FileNotFoundError as e:
+                self.sidecars.keep(claim.job_id, back)
                 self.leases.drop(claim.key)
                 raise ClaimLost(f"job {claim.job_id} was taken over before it could be released") from e
-            self.forget(claim.job_id)
+            self.forget(claim.job_id, claim.profile)
             self.leases.drop(claim.key)
             return inbox / dest
         raise FileExistsError(errno.EEXIST, "no free name in inbox/", claim.original_name)
 
-    def forget(self, job_id: str) -> None:
+    def forget(self, job_id: str, profile: str | None = None) -> None:
         """Drop the job's records in .smapd/ (attempt log, lease, name sidecar, stash) and its stem."""
-        self.stems.drop(job_id)
+        self.stems.drop(job_id, profile)
         for p in self.layout.job_files(job_id):
             p.unlink(missing_ok=True)
 
-    def _make(self, name: str, job_id: str, attempt: int) -> Claim:
+    def _make(self, name: str, job_id: str, attempt: int, profile: str | None) -> Claim:
         n = names.format_claim(name, self.leases.node, job_id, attempt, os.getpid())
-        return Claim(job_id, n.node, attempt, name, self.processing / names.claim_filename(n), n.pid, n.truncated)
+        return Claim(job_id, n.node, attempt, name, self.layout.dir(JobState.PROCESSING, profile) / names.claim_filename(n),
+                     n.pid, n.truncated, profile=profile)

@@ -44,12 +44,12 @@ class Finisher:
             TransientJobError: Writing failed (disk full, read-only outbox/); nothing was archived.
         """
         self.claims.heartbeat(claim)
-        stem = self.claims.stems.reserved(claim.job_id)
+        stem = self.claims.stems.reserved(claim.job_id, claim.profile)
         if report.outcome == Outcome.FAILED.value:
             if stem is not None:  # an earlier attempt's unfinished outputs (a crash before its report)
                 for s in names.OUTPUT_SUFFIXES:
-                    self.layout.output(stem, s).unlink(missing_ok=True)
-            dest = self._to_failed(claim.path, claim.original_name, claim.job_id, report)
+                    self.layout.output(stem, s, claim.profile).unlink(missing_ok=True)
+            dest = self._to_failed(claim.path, claim.original_name, claim.job_id, report, profile=claim.profile)
             if dest is None:
                 raise ClaimLost(f"job {claim.job_id} was taken over before it could be failed")
             self.leases.drop(claim.key)
@@ -59,18 +59,20 @@ class Finisher:
         if report.job.output_stem != stem:  # the reservation went with the claim: the new owner's now
             self.leases.drop(claim.key)
             raise ClaimLost(f"job {claim.job_id} lost its output stem {report.job.output_stem!r}; publishing nothing")
+        outbox = self.layout.outbox_dir(claim.profile)
         try:
-            fsio.publish(self.layout.outbox, stem, files, report.to_json(), self.layout.tmp)
+            outbox.mkdir(exist_ok=True)
+            fsio.publish(outbox, stem, files, report.to_json(), self.layout.tmp)
         except OSError as e:
-            raise TransientJobError(f"could not publish {stem} into {self.layout.outbox}: {e.strerror or e}") from e
+            raise TransientJobError(f"could not publish {stem} into {outbox}: {e.strerror or e}") from e
         return self._archive(claim)
 
     def published_report(self, claim: Claim) -> Path | None:
         """This job's report in outbox/ if it was published (the job is done but not yet archived)."""
-        stem = self.claims.stems.reserved(claim.job_id)
+        stem = self.claims.stems.reserved(claim.job_id, claim.profile)
         if stem is None:
             return None
-        path = self.layout.output(stem, names.REPORT_SUFFIX)
+        path = self.layout.output(stem, names.REPORT_SUFFIX, claim.profile)
         try:
             job = json.loads(path.read_bytes()).get("job")
         except (OSError, ValueError, AttributeError):
@@ -86,15 +88,18 @@ class Finisher:
         error = (f"gave up after {claim.attempt} attempts: each one ended without finishing (the "
                  f"worker or node died or hung); the last one because {why}.")
         report = reports.failure(claim.original_name, self._job(claim, self.claims.attempts(claim)), error)
-        dest = self._to_failed(claim.path, claim.original_name, claim.job_id, report)
+        dest = self._to_failed(claim.path, claim.original_name, claim.job_id, report, profile=claim.profile)
         self.leases.drop(claim.key)
         return dest
 
-    def refuse(self, src: Path, name: str, job_id: str, reason: str, *, claimed: Claim | None = None) -> Path | None:
-        """Move an entry that is not a regular file (``src``: in inbox/, or just claimed) to failed/."""
+    def refuse(self, src: Path, name: str, job_id: str, reason: str, *, claimed: Claim | None = None,
+               profile: str | None = None) -> Path | None:
+        """Move an entry that is not a regular file, or an orphan sidecar (``src``: in inbox/[<profile>/],
+        or just claimed) to failed/[<profile>/]."""
         job = self._job(claimed, []) if claimed else JobInfo(id=job_id, attempt=0, node=self.leases.node,
-                                                             original_name=name)
-        return self._to_failed(src, name, job_id, reports.failure(name, job, reason), unique=claimed is None)
+                                                             original_name=name, profile=profile)
+        return self._to_failed(src, name, job_id, reports.failure(name, job, reason), unique=claimed is None,
+                               profile=profile)
 
     def repair(self) -> int:
         """Write the report of any failed/ entry a crash left without one (from its stash if any).
@@ -102,12 +107,12 @@ class Finisher:
         Returns:
             How many reports were written.
         """
-        failed = self.layout.dir(JobState.FAILED)
         now, fixed = self.clock.now(), 0
-        present = set(os.listdir(failed))
-        for name in present:
+        for failed, name, present in self._failed_entries():
             if names.is_report(name) and name[: -len(names.REPORT_SUFFIX)] in present:
                 continue  # a report, not an input
+            if names.is_sidecar(name) and name[: -len(names.sidecar_suffix(name))] in present:
+                continue  # the sidecar of an input there: its report is the input's
             path = failed / name
             report = self.layout.report_of(path)
             try:
@@ -126,29 +131,52 @@ class Finisher:
             fixed += 1
         return fixed
 
+    def _failed_entries(self) -> list[tuple[Path, str, set[str]]]:
+        """``(folder, name, names in that folder)`` for failed/ and each of its profile folders."""
+        out: list[tuple[Path, str, set[str]]] = []
+        folders = [self.layout.dir(JobState.FAILED)]
+        while folders:
+            folder = folders.pop()
+            present = set(os.listdir(folder))
+            for name in present:
+                if folder == self.layout.dir(JobState.FAILED) and names.parse_final(name) is None \
+                        and (folder / name).is_dir() and not (folder / name).is_symlink():
+                    folders.append(folder / name)  # a profile folder (a refused directory has a <job>. name)
+                else:
+                    out.append((folder, name, present))
+        return out
+
     def _job(self, claim: Claim, attempts: list[dict[str, object]]) -> JobInfo:
         return JobInfo(id=claim.job_id, attempt=claim.attempt, node=self.leases.node, claimed_as=claim.path.name,
-                       original_name=claim.original_name, attempts=tuple(attempts))
+                       original_name=claim.original_name, attempts=tuple(attempts), profile=claim.profile)
 
     def _archive(self, claim: Claim) -> Path:
-        dest = self.layout.dir(JobState.ARCHIVE) / names.final_name(claim.job_id, claim.original_name)
+        folder = self.layout.dir(JobState.ARCHIVE, claim.profile)
+        folder.mkdir(exist_ok=True)
+        dest = folder / names.final_name(claim.job_id, claim.original_name)
         if not fsio.rename_verified(claim.path, dest):
             self.leases.drop(claim.key)
             raise ClaimLost(f"job {claim.job_id} was taken over before its original could be archived")
-        self.claims.forget(claim.job_id)
+        self.claims.sidecars.settle(claim.job_id, dest)
+        self.claims.forget(claim.job_id, claim.profile)
         self.leases.drop(claim.key)
         return dest
 
-    def _to_failed(self, src: Path, name: str, job_id: str, report: Report, unique: bool = False) -> Path | None:
-        """Original to failed/<job>.<name>, then its report. The report is stashed in .smapd/jobs first,
-        so if we die between the two renames ``repair`` publishes it: exactly one report (inv. 2)."""
-        dest = self.layout.dir(JobState.FAILED) / names.final_name(job_id, name)
+    def _to_failed(self, src: Path, name: str, job_id: str, report: Report, unique: bool = False,
+                   profile: str | None = None) -> Path | None:
+        """Original to failed/[<profile>/]<job>.<name> (its sidecar next to it), then its report. The
+        report is stashed in .smapd/jobs first, so if we die between the two renames ``repair``
+        publishes it: exactly one report (inv. 2)."""
+        folder = self.layout.dir(JobState.FAILED, profile)
+        folder.mkdir(exist_ok=True)
+        dest = folder / names.final_name(job_id, name)
         data = report.to_json()
         stash = self.layout.failure_stash(job_id)
         fsio.atomic_write(stash, data, self.layout.tmp)
         if not fsio.rename_verified(src, dest, trust_dst=unique):
             stash.unlink(missing_ok=True)
             return None
+        self.claims.sidecars.settle(job_id, dest)
         fsio.atomic_write(self.layout.report_of(dest), data, self.layout.tmp)
-        self.claims.forget(job_id)
+        self.claims.forget(job_id, profile)
         return dest

@@ -12,6 +12,10 @@ are counted in bytes against NAME_MAX (255).
   ``<name>.report.json`` fits. rename() overwrites and NFS has no RENAME_NOREPLACE, so uniqueness
   comes from the name itself: the job id makes a second ``talk.mp3`` a distinct file.
 - inbox/ (a released claim whose name a new file took): ``<stem>.<job><ext>``.
+- profiles (issue 11): every state dir and outbox/ may hold a ``<profile>/`` folder with the same
+  names inside; the spool's callers name an inbox entry ``<profile>/<name>`` (``split_rel``).
+- sidecars: ``<file>.smapd.json``/``.toml`` travel with ``<file>``: ``.smapd/jobs/<job>.sidecar<suffix>``
+  while claimed, ``<final name><suffix>`` next to it in archive/ or failed/.
 - outbox/: ``<stem><suffix>`` for each of OUTPUT_SUFFIXES; ``stem_base`` gives the first choice of
   stem, ``numbered_stem`` the next ones (``talk``, ``talk.2``, ``talk.3``, ...).
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 NAME_MAX = 255
 REPORT_SUFFIX = ".report.json"
 OUTPUT_SUFFIXES = (".txt", ".srt", ".vtt", ".json", REPORT_SUFFIX)  # what a stem covers in outbox/
+SIDECAR_SUFFIXES = (".smapd.json", ".smapd.toml")  # <file><suffix>: per-file options (issue 11)
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", "~")
 FINAL_MAX = NAME_MAX - len(REPORT_SUFFIX)  # archive/ and failed/ names leave room for the report's
 STEM_MAX = 200  # bytes; leaves room for ".<n>" and the longest suffix
@@ -68,6 +73,27 @@ def is_ignored(name: str) -> bool:
     """Names writers use while a file is incomplete (DESIGN §1 inv. 8): dot names (.nfs*, .syncthing.*
     included) and temp suffixes."""
     return name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES)
+
+
+def is_sidecar(name: str) -> bool:
+    """Whether a name is a sidecar (``<file>.smapd.json`` or ``.toml``): options for ``<file>``, never audio."""
+    return name.endswith(SIDECAR_SUFFIXES)
+
+
+def sidecar_suffix(name: str) -> str:
+    """The sidecar suffix ``name`` ends with ("" when none)."""
+    return next((s for s in SIDECAR_SUFFIXES if name.endswith(s)), "")
+
+
+def split_rel(rel: str) -> tuple[str | None, str]:
+    """An inbox-relative name ``<profile>/<name>`` or ``<name>`` -> ``(profile or None, name)``."""
+    head, sep, tail = rel.partition("/")
+    return (head, tail) if sep else (None, rel)
+
+
+def join_rel(profile: str | None, name: str) -> str:
+    """Inverse of ``split_rel``."""
+    return f"{profile}/{name}" if profile else name
 
 
 def is_report(name: str) -> bool:

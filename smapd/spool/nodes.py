@@ -46,27 +46,29 @@ class Nodes:
         cannot be written)."""
         now, clock = self.clock.now_or_local()
         waiting = []
-        with os.scandir(self.layout.dir(JobState.INBOX)) as entries:
-            for e in entries:
-                with fsio.quiet():
-                    if not names.is_ignored(e.name):
-                        st = e.stat(follow_symlinks=False)
-                        waiting.append({"name": names.display(e.name), "size": st.st_size,
-                                        "age": round(now - st.st_mtime, 1)})
+        for profile, e in self._listing(JobState.INBOX):
+            with fsio.quiet():
+                if not names.is_ignored(e.name):
+                    st = e.stat(follow_symlinks=False)
+                    waiting.append({"name": names.display(e.name), "profile": profile, "size": st.st_size,
+                                    "age": round(now - st.st_mtime, 1), "sidecar": names.is_sidecar(e.name)})
         claims = []
         for c, st in self.claims.scan():
             stamp = lease_stamp(st, self.layout.lease(c.job_id))
             began = self.claims.attempts(c)[-1].get("at") or stamp
             claims.append({"job_id": c.job_id, "name": names.display(c.original_name), "node": c.node, "pid": c.pid,
-                           "attempt": c.attempt, "age": round(now - stamp, 1),
+                           "attempt": c.attempt, "age": round(now - stamp, 1), "profile": c.profile,
                            "running": round(now - began, 1),
                            "stale": self.claims.leases.expired(stamp, now)})
         recent = []
         failed = self.layout.dir(JobState.FAILED)
-        for p in sorted(failed.glob(f"*{names.REPORT_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True):
+        reports = [p for p in failed.glob(f"*{names.REPORT_SUFFIX}")] + \
+            [p for p in failed.glob(f"*/*{names.REPORT_SUFFIX}") if p.parent.parent == failed]
+        for p in sorted(reports, key=lambda p: p.stat().st_mtime, reverse=True):
             with fsio.quiet():
                 r = json.loads(p.read_bytes())
                 recent.append({"name": (r.get("input") or {}).get("name"), "report": names.display(p.name),
+                               "profile": p.parent.name if p.parent != failed else None,
                                "error": r.get("error"), "age": round(now - p.stat().st_mtime, 1)})
             if len(recent) >= failures:
                 break
@@ -82,17 +84,31 @@ class Nodes:
         """
         now, removed = self.clock.now(), 0
         live = {c.job_id for c, _ in self.claims.scan()}
-        for p in [*self.layout.tmp.iterdir(), *(p for p in self.layout.jobs.iterdir() if p.name[:12] not in live)]:
+        for p in [*self.layout.tmp.iterdir(), *(p for p in self.layout.jobs.iterdir()
+                                                 if p.name[:12] not in live and ".sidecar." not in p.name)]:
             with fsio.quiet():
                 if now - os.lstat(p).st_mtime > DAY:
                     p.unlink()
         if retention_days <= 0:
             return 0
-        with os.scandir(self.layout.dir(JobState.ARCHIVE)) as entries:
-            for e in entries:
-                with fsio.quiet():
-                    st = e.stat(follow_symlinks=False)
-                    if stat.S_ISREG(st.st_mode) and now - st.st_mtime > retention_days * DAY:
-                        os.unlink(e.path)
-                        removed += 1
+        for _, e in self._listing(JobState.ARCHIVE):
+            with fsio.quiet():
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and now - st.st_mtime > retention_days * DAY:
+                    os.unlink(e.path)
+                    removed += 1
         return removed
+
+    def _listing(self, state: JobState) -> list[tuple[str | None, os.DirEntry[str]]]:
+        """The entries of a state dir and of its sub-folders (one level, never through a symlink) with
+        their folder as the profile (`smapd status` may run without the profiles file: a sub-folder
+        of inbox/ that is no profile's shows its files until a node refuses it)."""
+        out: list[tuple[str | None, os.DirEntry[str]]] = []
+        with os.scandir(self.layout.dir(state)) as entries:
+            for e in entries:
+                if not e.is_dir(follow_symlinks=False):
+                    out.append((None, e))
+                    continue
+                with fsio.quiet(), os.scandir(e.path) as inner:
+                    out.extend((e.name, i) for i in inner)
+        return out
