@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,7 +60,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", help="serve the spool until stopped (the daemon; systemd runs this)")
     st = sub.add_parser("status", help="files waiting, jobs in progress, recent failures, nodes")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    shown = st.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="machine-readable output")
+    shown.add_argument("--prometheus", action="store_true", help="the spool-wide view in Prometheus text format")
+    st.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                    help="refresh in place every SECONDS (default 2) until Ctrl-C")
     st.add_argument("--spool", type=Path, help="the spool directory (default: SMAPD_SPOOL_DIR)")
 
     sub.add_parser("check", help="validate the configuration and load the model, then exit")
@@ -86,9 +91,26 @@ def _status(args: argparse.Namespace) -> int:
     root = args.spool or settings.spool_dir
     if not (root / "inbox").is_dir():
         raise SmapdError(f"{root} is not a smapd spool (no inbox/); set SMAPD_SPOOL_DIR or pass --spool")
-    state = Spool(root, settings.node, lease_seconds=settings.lease_seconds).list_state()
-    print(render_json(state) if args.json else render_text(state))
-    return 0
+    spool = Spool(root, settings.node, lease_seconds=settings.lease_seconds)
+
+    def show() -> str:
+        state = spool.list_state()
+        if args.prometheus:
+            from smapd.metrics import spool_metrics
+
+            return spool_metrics(state, settings.lease_seconds).decode()
+        return render_json(state) if args.json else render_text(state)
+
+    if args.watch is None:
+        print(show())
+        return 0
+    try:
+        while True:  # clear the screen and redraw (ANSI: cursor home, erase below), like watch(1)
+            sys.stdout.write("\x1b[H\x1b[J" + show() + "\n")
+            sys.stdout.flush()
+            time.sleep(max(0.2, args.watch))
+    except KeyboardInterrupt:
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -25,10 +25,12 @@ from loguru import logger
 from smapd import __version__, runner
 from smapd.dispatch import ActiveJob, Dispatcher, Waker
 from smapd.errors import ConfigError
+from smapd.jobevents import JobEvents
 from smapd.logs import setup_logging
 from smapd.pool import Pool
 from smapd.settings import RESTART_REQUIRED, Settings, load_settings
 from smapd.spool import Spool
+from smapd.status import progress_text
 from smapd.watcher import InboxWatcher
 
 EXIT_HARD_STOP = 1  # a second signal: claims left in processing/ for lease recovery
@@ -64,6 +66,8 @@ def intervals(s: Settings) -> dict[str, float]:
         "recover": max(0.25, s.lease_seconds / 4),
         "heartbeat": min(5.0, s.rescan_seconds),
         "prune": 3600.0,
+        "hooks": min(30.0, s.lease_seconds),  # hooks a dead node owed (found once its heartbeat is a lease old)
+        "metrics": s.metrics_seconds,
     }
 
 
@@ -131,6 +135,7 @@ class Daemon:
         self.pool: Pool = c.make_pool()
         self.dispatch = Dispatcher(self.spool, self.pool, self._run_job, self.executor, s.max_concurrent_jobs,
                                    self.wake)
+        self.events = JobEvents(s, self.spool)  # the completion hook and the metrics file (issue 11)
         self.watcher: InboxWatcher | None = None
         self.scheduler: Any = None
 
@@ -201,6 +206,7 @@ class Daemon:
             self.watcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.pool.close()
+        self.events.close()
         signal.set_wakeup_fd(-1)
 
     # --- what the threads hand to the main loop ------------------------------------------------------
@@ -213,9 +219,11 @@ class Daemon:
         self.wake.set()
 
     def _run_job(self, job: ActiveJob) -> str:
+        self.events.claimed(job.claim)
         return runner.run_claim(job.claim, self.spool, self.pool, self.config, node=self.settings.node,
                                 lost=job.lost, cancelled=job.cancelled,
-                                on_progress=lambda p: self.dispatch.progress(job, p))
+                                on_progress=lambda p: self.dispatch.progress(job, p),
+                                on_finished=lambda path, report: self.events.finished(job.claim, path, report))
 
     def _start_scheduler(self) -> Any:
         from apscheduler.schedulers.background import BackgroundScheduler
@@ -224,8 +232,11 @@ class Daemon:
         jobs: dict[str, Callable[[], object]] = {
             "rescan": lambda: self._due("scan_due"), "recover": lambda: self._due("recovery_due"),
             "leases": self.dispatch.refresh_leases, "heartbeat": self._publish_heartbeat,
-            "prune": lambda: self.spool.prune_archive(self.settings.archive_retention_days)}
+            "prune": lambda: self.spool.prune_archive(self.settings.archive_retention_days),
+            "hooks": self.events.sweep, "metrics": self._write_metrics}
         for name, seconds in intervals(self.settings).items():
+            if name == "hooks" and self.events.hooks is None or name == "metrics" and not self.settings.metrics_file:
+                continue
             sched.add_job(_guard(name, jobs[name]), "interval", seconds=seconds, id=name)
         sched.start()
         return sched
@@ -234,25 +245,37 @@ class Daemon:
         setattr(self.dispatch, flag, True)
         self.wake.set()
 
+    def _jobs(self) -> list[dict[str, Any]]:
+        """Each job in flight, JSON-ready, with its progress in audio time (heartbeat, metrics)."""
+        now, stall = time.monotonic(), self.config.chunk_timeout
+        return [{"job_id": j.claim.job_id, "name": j.claim.original_name, "profile": j.claim.profile,
+                 "attempt": j.claim.attempt, "chunks_done": j.chunks_done, "chunks_total": j.chunks_total,
+                 "audio_done": round(j.audio_done, 1), "audio_total": round(j.audio_total, 1),
+                 "eta": None if (eta := j.eta_seconds()) is None else round(eta),
+                 "stalled": now - j.progressed > stall, "seconds": round(now - j.started, 1)}
+                for j in self.dispatch.active()]
+
     def _publish_heartbeat(self) -> None:
         d = self.dispatch
         self.spool.write_heartbeat({
             "node": self.settings.node, "pid": os.getpid(), "version": __version__,
             "workers": self.config.workers, "busy_workers": self.pool.busy(), "stopping": bool(self.stops),
-            "completed": d.completed, "failed": d.failed,
-            "jobs": [{"job_id": j.claim.job_id, "name": j.claim.original_name, "attempt": j.claim.attempt,
-                      "chunks_done": j.chunks_done, "chunks_total": j.chunks_total,
-                      "seconds": round(time.monotonic() - j.started, 1)} for j in d.active()],
+            "completed": d.completed, "failed": d.failed, "jobs": self._jobs(),
         })
+
+    def _write_metrics(self) -> None:
+        self.events.write_metrics(self._jobs(), busy=self.pool.busy(), total=self.config.workers,
+                                  restarts=self.pool.restarts, timeouts=self.pool.timeouts,
+                                  takeovers=self.dispatch.takeovers)
 
     def _set_status(self) -> None:
         d = self.dispatch
-        jobs = d.active()
+        jobs = self._jobs()
         waiting = self.spool.waiting_count()
         if jobs:
-            j = max(jobs, key=lambda x: x.started)
-            self.notify.status(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}, chunk {j.chunks_done}/"
-                               f"{j.chunks_total} of {j.claim.original_name}, {waiting} waiting")
+            j = max(jobs, key=lambda x: -x["seconds"])
+            self.notify.status(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}, {progress_text(j)} of "
+                               f"{j['name']}, {waiting} waiting")
         else:
             self.notify.status(f"idle, {waiting} waiting, {d.completed} done, {d.failed} failed")
 

@@ -126,6 +126,7 @@ class Dispatcher:
         self.lock = threading.Lock()  # guards ``jobs``: job threads remove themselves
         self.stopping = False
         self.completed = self.failed = 0
+        self.takeovers = 0  # stale claims of other nodes (or of our previous life) taken over
         self.recovery_due = True  # set by the recovery timer; the first pass runs at start
         self.scan_due = True  # set by watcher hints and the rescan timer
         self.settle_at: float | None = None  # when the files still settling should be looked at again
@@ -190,6 +191,7 @@ class Dispatcher:
             if self.spool.finish_published(recovered):  # published before a crash: just archive it
                 logger.info("{}: was published before its node died; archived", recovered.original_name)
                 continue
+            self.takeovers += 1
             logger.warning("{}: took over the claim of node {} pid {} (attempt {})", recovered.original_name,
                            claim.node, claim.pid, recovered.attempt)
             self.start(recovered)

@@ -31,6 +31,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,10 +110,11 @@ class Hooks:
 
     # --- the intent, from claim to finish ---
 
-    def expect(self, job: str, name: str) -> None:
+    def expect(self, job: str, name: str, profile: str | None = None) -> None:
         """The job was claimed: record that a hook is owed when it finishes."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._write(self.dir / f"{job}.json", json.dumps({"job": job, "input": name}).encode() + b"\n")
+        intent = {"job": job, "input": name, "profile": profile}
+        self._write(self.dir / f"{job}.json", json.dumps(intent, ensure_ascii=True).encode() + b"\n")
 
     def forget(self, job: str) -> None:
         """The job was handed back unfinished: no hook is owed for this job id."""
@@ -127,13 +129,14 @@ class Hooks:
     # --- recovery ---
 
     def sweep(self, live_jobs: set[str], dead_owner: Callable[[str], bool],
-              locate: Callable[[str], HookEvent | None]) -> int:
+              locate: Callable[[Mapping[str, Any]], HookEvent | None]) -> int:
         """Run the hooks a dead or stopped node owed.
 
         Args:
             live_jobs: Job ids that still have a claim in processing/ (their owner will fire).
             dead_owner: ``dead_owner("<node>-<pid>")``: that process is gone (or its node is).
-            locate: Finds a finished job's event from the spool; None while it is not finished.
+            locate: Finds a finished job's event from the spool, given its intent (``job``, ``input``,
+                ``profile``); None while it is not finished.
 
         Returns:
             How many hooks were started.
@@ -150,7 +153,11 @@ class Hooks:
             owner = owner.lstrip(".")
             if owner and (owner == self._mine or not dead_owner(owner)):
                 continue  # a hook running right now, here or on a live node
-            event = locate(job)
+            try:
+                intent = json.loads(Path(e.path).read_bytes())
+            except (OSError, ValueError):
+                continue  # taken by another node meanwhile, or torn (never: it is written atomically)
+            event = locate(intent)
             if event is None:
                 continue  # not finished (or released): pruned with the spool's day-old job files
             marker = self._take(Path(e.path))

@@ -39,7 +39,6 @@ class Metrics:
         self.chunks = Counter("smapd_chunks", "Chunks finished, by status.", (*lbl, "status"), registry=r)
         self.chunk_seconds = Histogram("smapd_chunk_seconds", "Wall seconds per transcribed chunk.", lbl,
                                        buckets=CHUNK_BUCKETS, registry=r)
-        self.takeovers = Counter("smapd_claims_taken_over", "Stale claims this node took over.", lbl, registry=r)
         self.owned = _OwnedCounters(node)  # counted by the pool and the hook runner, read each tick
         r.register(self.owned)
         self.waiting = Gauge("smapd_inbox_files", "Files waiting in inbox/.", lbl, registry=r)
@@ -57,8 +56,7 @@ class Metrics:
             self.jobs.labels(node, outcome)
         for status in ("ok", "failed"):
             self.chunks.labels(node, status)
-        for metric in (self.audio, self.takeovers):
-            metric.labels(node)
+        self.audio.labels(node)
         self._jobs_shown: set[tuple[str, str]] = set()
 
     def job_finished(self, report: Mapping[str, Any]) -> None:
@@ -79,7 +77,8 @@ class Metrics:
             self.rtf.labels(n).set(float(rtf))
 
     def set_state(self, *, waiting: int, oldest_age: float, busy: int, total: int, restarts: int,
-                  timeouts: int, hooks_ok: int, hooks_failed: int, jobs: Iterable[Mapping[str, Any]]) -> None:
+                  timeouts: int, takeovers: int, hooks_ok: int, hooks_failed: int,
+                  jobs: Iterable[Mapping[str, Any]]) -> None:
         """The gauges, from the daemon's state this tick. ``jobs``: ``job_id``, ``name``, ``audio_done``,
         ``audio_total`` of each job in flight."""
         n = self.node
@@ -87,8 +86,8 @@ class Metrics:
         self.oldest.labels(n).set(max(0.0, oldest_age))
         self.slots.labels(n, "busy").set(busy)
         self.slots.labels(n, "total").set(total)
-        self.owned.values = {"restarts": restarts, "timeouts": timeouts, "hooks_ok": hooks_ok,
-                             "hooks_failed": hooks_failed}
+        self.owned.values = {"restarts": restarts, "timeouts": timeouts, "takeovers": takeovers,
+                             "hooks_ok": hooks_ok, "hooks_failed": hooks_failed}
         shown: set[tuple[str, str]] = set()
         for j in jobs:
             key = (str(j["job_id"]), str(j["name"]))
@@ -111,8 +110,8 @@ class Metrics:
 
 
 class _OwnedCounters(Collector):
-    """Counters whose values other parts keep (worker restarts and timeouts in the pool, hooks in the
-    hook runner): exposed as counters, read from the last ``set_state``."""
+    """Counters whose values other parts keep (worker restarts and timeouts in the pool, takeovers in
+    the dispatcher, hooks in the hook runner): exposed as counters, read from the last ``set_state``."""
 
     def __init__(self, node: str) -> None:
         self.node = node
@@ -129,11 +128,14 @@ class _OwnedCounters(Collector):
         timeouts = CounterMetricFamily("smapd_chunk_timeouts", "Chunk attempts that hit CHUNK_TIMEOUT since "
                                        "start.", labels=["node"])
         timeouts.add_metric(n, v.get("timeouts", 0))
+        takeovers = CounterMetricFamily("smapd_claims_taken_over", "Stale claims this node took over since "
+                                        "start.", labels=["node"])
+        takeovers.add_metric(n, v.get("takeovers", 0))
         hooks = CounterMetricFamily("smapd_hooks", "Completion hooks run since start, by result.",
                                     labels=["node", "result"])
         hooks.add_metric([self.node, "ok"], v.get("hooks_ok", 0))
         hooks.add_metric([self.node, "failed"], v.get("hooks_failed", 0))
-        yield from (restarts, timeouts, hooks)
+        yield from (restarts, timeouts, takeovers, hooks)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

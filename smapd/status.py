@@ -20,6 +20,25 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def clock(seconds: float) -> str:
+    """Audio time as ``12:40`` or ``1:02:05``."""
+    t = int(max(0.0, seconds))
+    return f"{t // 3600}:{t // 60 % 60:02d}:{t % 60:02d}" if t >= 3600 else f"{t // 60}:{t % 60:02d}"
+
+
+def progress_text(job: dict[str, Any]) -> str:
+    """A job's progress from its heartbeat entry: ``12:40 / 38:15 (chunk 14/60, ETA 3:10)``, with a
+    STALLED flag once nothing moved for CHUNK_TIMEOUT."""
+    chunks = f"chunk {job.get('chunks_done', 0)}/{job.get('chunks_total', 0)}"
+    if job.get("audio_total"):
+        eta = job.get("eta")
+        text = f"{clock(job.get('audio_done') or 0)} / {clock(job['audio_total'])} ({chunks}" + \
+            (f", ETA {clock(eta)})" if eta is not None else ")")
+    else:
+        text = chunks
+    return text + ("  STALLED (no progress for longer than CHUNK_TIMEOUT)" if job.get("stalled") else "")
+
+
 def _where(entry: dict[str, Any]) -> str:
     """A file's name with its profile (issue 11): ``talk.mp3 [profile meetings]``."""
     return f"{entry.get('name')} [profile {entry['profile']}]" if entry.get("profile") else str(entry.get("name"))
@@ -36,7 +55,7 @@ def render_text(state: dict[str, Any]) -> str:
     lines.append(f"in progress: {len(claims)}")
     for c in claims:
         p = progress.get(c["job_id"], {})
-        chunks = f"chunk {p.get('chunks_done', 0)}/{p.get('chunks_total', 0)}" if p else "no progress reported"
+        chunks = progress_text(p) if p else "no progress reported"
         stale = "  STALE (lease expired)" if c.get("stale") else ""
         lines.append(f"  {_where(c)}  node {c['node']}  attempt {c['attempt']}  {chunks}  "
                      f"lease age {_age(c.get('age'))}{stale}")

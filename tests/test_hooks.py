@@ -139,7 +139,7 @@ def test_released_job_owes_no_hook(tmp_path: Path, recorder: tuple[Path, Path]) 
     hooks = Hooks(str(script), 5, tmp_path, tmp_path / "hooks", "n1", _write)
     hooks.expect("0123456789ab", "talk.wav")
     hooks.forget("0123456789ab")
-    assert hooks.sweep(set(), lambda owner: True, lambda job: _event(job)) == 0
+    assert hooks.sweep(set(), lambda owner: True, lambda intent: _event(intent["job"])) == 0
     hooks.close()
     assert _calls(out) == []
 
@@ -158,7 +158,7 @@ def test_sweep_runs_what_a_dead_node_owed_exactly_once(tmp_path: Path, recorder:
     nodes = [Hooks(f"{script} {{job}}", 5, tmp_path, intents, name, _write) for name in ("n2", "n3")]
     finished = {"aaaaaaaaaaaa", "bbbbbbbbbbbb"}
     started = sum(n.sweep({"cccccccccccc"}, lambda owner: owner.startswith("nodeA-"),
-                          lambda job: _event(job) if job in finished else None) for n in nodes)
+                          lambda intent: _event(intent["job"]) if intent["job"] in finished else None) for n in nodes)
     _wait_for(lambda: len(_calls(out)) == 2)
     for n in nodes:
         n.close()
@@ -171,8 +171,8 @@ def test_sweep_leaves_a_live_owners_running_hook_alone(tmp_path: Path, recorder:
     script, out = recorder
     intents = tmp_path / "hooks"
     intents.mkdir()
-    (intents / "aaaaaaaaaaaa.json.n1-4242").write_text("{}")
+    (intents / "aaaaaaaaaaaa.json.n1-4242").write_text(json.dumps({"job": "aaaaaaaaaaaa", "input": "a.wav"}))
     hooks = Hooks(str(script), 5, tmp_path, intents, "n2", _write)
-    assert hooks.sweep(set(), lambda owner: False, lambda job: _event(job)) == 0
+    assert hooks.sweep(set(), lambda owner: False, lambda intent: _event(intent["job"])) == 0
     hooks.close()
     assert _calls(out) == []

@@ -5,19 +5,13 @@ tests/test_ops.py; here the renderer is checked against the real tools on its ow
 """
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from smapd.metrics import Metrics, spool_metrics
+from testkit.prom import PROMTOOL, promtool_check, scrape_textfile
 
-PROMTOOL = shutil.which("promtool")
-NODE_EXPORTER = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
 REPORT = {"outcome": "success", "input": {"duration": 42.5},
           "chunks": [{"status": "ok", "seconds": 2.5}, {"status": "ok", "seconds": 3.5},
                      {"status": "failed", "seconds": 30.0}],
@@ -33,9 +27,8 @@ def _node_metrics() -> Metrics:
     m = Metrics("web-1")
     m.job_finished(REPORT)
     m.job_finished({"outcome": "failed", "input": {"duration": None}, "chunks": [], "totals": {}})
-    m.takeovers.labels("web-1").inc()
-    m.set_state(waiting=4, oldest_age=12.0, busy=2, total=2, restarts=3, timeouts=1, hooks_ok=1, hooks_failed=0,
-                jobs=[{"job_id": "0123456789ab", "name": 'say "hi"\n.wav', "audio_done": 30.0, "audio_total": 90.0}])
+    m.set_state(waiting=4, oldest_age=12.0, busy=2, total=2, restarts=3, timeouts=1, takeovers=1, hooks_ok=1,
+                hooks_failed=0, jobs=[{"job_id": "0123456789ab", "name": 'say "hi"\n.wav', "audio_done": 30.0, "audio_total": 90.0}])
     return m
 
 
@@ -60,7 +53,8 @@ def test_node_metrics_values() -> None:
 
 def test_finished_jobs_series_disappear() -> None:
     m = _node_metrics()
-    m.set_state(waiting=0, oldest_age=0, busy=0, total=2, restarts=3, timeouts=1, hooks_ok=1, hooks_failed=0, jobs=[])
+    m.set_state(waiting=0, oldest_age=0, busy=0, total=2, restarts=3, timeouts=1, takeovers=1, hooks_ok=1,
+                hooks_failed=0, jobs=[])
     text = m.render().decode()
     assert "smapd_job_audio_done_seconds{" not in text
     assert _samples(text)[("smapd_jobs_in_flight", (("node", "web-1"),))] == 0
@@ -74,40 +68,10 @@ def test_promtool_accepts_both_files(tmp_path: Path) -> None:
         "processing": [{"node": "web-2", "stale": True}], "failures": []}
     for name, data in (("node.prom", _node_metrics().render()), ("spool.prom", spool_metrics(state, 120))):
         (tmp_path / name).write_bytes(data)
-        out = subprocess.run([PROMTOOL, "check", "metrics"], input=data, capture_output=True, timeout=60,
-                             check=False)
-        assert out.returncode == 0, (name, out.stdout, out.stderr)
+        assert promtool_check(data) == "", name
     s = _samples(spool_metrics(state, 120).decode())
     assert s[("smapd_node_up", (("node", "web-2"),))] == 0 and s[("smapd_node_up", (("node", "web-1"),))] == 1
     assert s[("smapd_spool_claims", (("node", "web-2"), ("stale", "true")))] == 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape_textfile(directory: Path) -> str:
-    """Serve ``directory`` with a real node_exporter on the loopback and return one scrape."""
-    assert NODE_EXPORTER is not None, "node_exporter missing: tests/run.sh installs prometheus-node-exporter"
-    port = _free_port()
-    proc = subprocess.Popen([NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{port}", "--collector.disable-defaults",
-                             "--collector.textfile", f"--collector.textfile.directory={directory}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    return r.read().decode()
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.2)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_node_exporter_serves_the_file(tmp_path: Path) -> None:

@@ -257,6 +257,14 @@ class Spool:
         """Publish this node's status in .smapd/nodes/<node>.json."""
         self._nodes.write_heartbeat(status)
 
+    def heartbeat_age(self, node: str) -> float | None:
+        """Seconds (spool clock) since ``node`` last wrote its heartbeat; None if it never did."""
+        try:
+            st = os.stat(self.layout.nodes / f"{node}.json")
+        except OSError:
+            return None
+        return self._clock.now_or_local()[0] - st.st_mtime
+
     def list_state(self, failures: int = 10) -> dict[str, Any]:
         """What `smapd status` shows (see ``nodes.Nodes.list_state``)."""
         return self._nodes.list_state(failures)
