@@ -21,8 +21,8 @@ import testkit as tk
 from smapd.dispatch import ActiveJob, Dispatcher, MaxJobs, Waker
 from smapd.pipeline import Progress
 from smapd.spool import Spool
+from testkit.spoolnode import finish_ok
 
-REPO = Path(__file__).resolve().parent.parent
 CLIP = tk.DATA_DIR / "fleurs-en-003.ogg"
 LEASE = 0.3
 
@@ -60,7 +60,7 @@ class FakeJobs:
         while not done.wait(0.005):
             if job.cancelled.is_set():
                 return "cancelled"
-        self.spool.complete(job.claim, lambda: None)  # archive the original (publishes nothing here)
+        finish_ok(self.spool, job.claim)  # publish and archive the way the runner does
         return "done"
 
     def end(self, name: str) -> None:
@@ -291,9 +291,9 @@ def test_lease_refresh_keeps_claims_fresh_and_a_lost_claim_is_cancelled(rig_fact
 
 def stale_seen_by_another_process(root: Path) -> int:
     """How many claims another node (another process: this one's own claims are hidden from it) sees stale."""
-    code = f"from smapd.spool import Spool; print(len(Spool({str(root)!r}, 'other', lease_seconds={LEASE}).stale_claims()))"
+    code = f"from smapd.spool import Spool; print(len(Spool({str(root)!r}, 'other', lease_seconds={LEASE}).recoverable()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+                         env=dict(os.environ, PYTHONPATH=str(tk.REPO)))
     assert out.returncode == 0, out.stderr
     return int(out.stdout.split()[-1])
 

@@ -13,7 +13,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 import testkit as tk
@@ -22,15 +21,16 @@ from smapd.engine import EngineSpec
 from smapd.models import Chunk, ChunkResult, ChunkStatus, Segment
 from smapd.pipeline import PipelineOptions
 from smapd.spool import Claim, Spool
+from smapd.worker import TranscribeRequest
 
 CLIP = tk.DATA_DIR / "fleurs-en-003.ogg"  # 5.8 s: one chunk
 
 
 class FakePool:
-    """Answers every chunk at once with a fixed segment (or a failure); records what it was given."""
+    """What the pipeline calls (``submit``, ``cancel_job``): every chunk is answered on a "slot" thread
+    with a fixed segment (or a failure); records what it was given."""
 
     workers = 1
-    max_worker_rss_mb = 0.0
 
     def __init__(self, fail: bool = False, during: Callable[[], None] | None = None) -> None:
         self.fail, self.during = fail, during
@@ -38,23 +38,12 @@ class FakePool:
         self.cancelled: list[str] = []
         self.slot = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fake-slot")
 
-    def wait_ready(self) -> None:
-        pass
-
-    def queued(self) -> dict[str, int]:
-        return {}
-
-    def detect_language(self, job: str, audio: np.ndarray) -> Future:
-        fut: Future = Future()
-        fut.set_result(("en", 0.99))
-        return fut
-
-    def transcribe(self, job: str, chunk: Chunk, audio: Callable[[], np.ndarray], options: Any,
-                   on_start: Callable[[Chunk, str], None] | None = None) -> Future:
+    def submit(self, job: str, chunk: Chunk, request: Callable[[], TranscribeRequest],
+               on_start: Callable[[Chunk, str], None] | None = None) -> Future:
         def serve() -> ChunkResult:  # on the "slot", later, as the real pool does
             if on_start is not None:
                 on_start(chunk, "fake1")
-            self.chunks.append((job, chunk, len(audio())))
+            self.chunks.append((job, chunk, len(request().audio)))  # the request is built when a slot takes it
             if self.during is not None:
                 self.during()
             if self.fail:
