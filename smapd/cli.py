@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from smapd import __version__
 from smapd.errors import SmapdError

@@ -102,7 +102,7 @@ class FasterWhisperEngine:
             self.model = WhisperModel(spec.model, device=spec.device, compute_type=spec.compute_type,
                                       cpu_threads=spec.cpu_threads, num_workers=1,
                                       download_root=spec.download_root, local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - CTranslate2 raises RuntimeError/ValueError freely
+        except Exception as e:
             raise ConfigError(f"cannot load the Whisper model {spec.model!r}: {e}") from e
 
     def _encode(self, audio: np.ndarray) -> tuple[Any, int]:

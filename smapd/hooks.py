@@ -31,13 +31,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
-
 
 PLACEHOLDERS = ("report", "outcome", "input", "stem", "job", "node", "spool")
 _FIELD = re.compile(r"\{([^{}]*)\}")

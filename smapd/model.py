@@ -32,7 +32,7 @@ def _package_data(package: str) -> Path:
         raise ModelError(
             f"the embedded model package {package.replace('_', '-')} is not installed; "
             "reinstall smapd (pip install .) or set SMAPD_MODEL to a model directory")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
 def sha256_file(path: Path) -> str:
@@ -125,7 +125,7 @@ def download_named(model: str, cache_dir: Path) -> str:
 
     try:
         return str(download_model(model, cache_dir=str(cache_dir / "hub")))
-    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds
+    except Exception as e:
         raise ModelError(
             f"model {model!r} is not in {cache_dir} and could not be downloaded ({type(e).__name__}); "
             "on an offline host, copy a CTranslate2 model directory there and set SMAPD_MODEL to its path, "

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
-from smapd import audio
+from smapd import audio, chunking
 from smapd.engine import SWITCH_PROBABILITY, SWITCH_SPEECH_SECONDS, DecodeOptions
 from smapd.models import Chunk, ChunkResult, ChunkStatus, Segment, Transcript, Word
 from smapd.pool import Pool
@@ -224,10 +224,10 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
 
 def _plan(decoded: audio.Decoded, options: PipelineOptions) -> Iterable[Chunk]:
     if not options.vad:
-        return audio.fixed_chunks(decoded.info.duration, options.chunk_seconds)
+        return chunking.fixed_chunks(decoded.info.duration, options.chunk_seconds)
     if options.pack:
-        return audio.stream_chunks(decoded.samples, options.chunk_seconds)
-    return audio.silence_chunks(decoded.samples, options.chunk_seconds)
+        return chunking.stream_chunks(decoded.samples, options.chunk_seconds)
+    return chunking.silence_chunks(decoded.samples, options.chunk_seconds)
 
 
 def _result(fut: Future, chunk: Chunk) -> ChunkResult:

@@ -12,7 +12,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -51,11 +51,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SMAPD_", extra="ignore", populate_by_name=True)
 
     # --- SMAP's names ---
-    max_parallel_workers: Union[Literal["auto"], int] = _smap("MAX_PARALLEL_WORKERS", "auto")
+    max_parallel_workers: Literal["auto"] | int = _smap("MAX_PARALLEL_WORKERS", "auto")
     use_parallel_transcription: bool = _smap("USE_PARALLEL_TRANSCRIPTION", True)
     # auto: start another file while fewer files wait for a slot than there are slots (issue 8)
     max_concurrent_jobs: Literal["auto"] | int = _smap("MAX_CONCURRENT_JOBS", "auto")
-    chunk_timeout: Union[Literal["auto"], float] = _smap("CHUNK_TIMEOUT", "auto")
+    chunk_timeout: Literal["auto"] | float = _smap("CHUNK_TIMEOUT", "auto")
 
     # --- engine and model ---
     engine: Literal["faster-whisper", "command"] = "faster-whisper"
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     model_cache: Path = Field(default_factory=_default_cache)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     compute_type: str = "int8"
-    cpu_threads: Union[Literal["auto"], int] = "auto"
+    cpu_threads: Literal["auto"] | int = "auto"
     command: str = ""
 
     # --- decoding ---

@@ -14,7 +14,7 @@ import wave
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import av
 import numpy as np
@@ -286,10 +286,10 @@ def encode_audio(src: Path | str, dst: Path | str, codec: str, rate: int = RATE,
     Uses PyAV's bundled FFmpeg encoders (aac, libmp3lame, libopus, flac, libvorbis where present).
     """
     with av.open(str(src)) as inp, av.open(str(dst), "w", format=container_format) as out:
-        stream = out.add_stream(codec, rate=rate, layout=layout)
+        stream = cast("av.AudioStream", out.add_stream(codec, rate=rate, layout=layout))  # by codec name
         if bit_rate:
             stream.bit_rate = bit_rate
-        fmt = stream.codec_context.codec.audio_formats[0].name
+        fmt = (stream.codec_context.codec.audio_formats or [])[0].name
         resampler = av.AudioResampler(format=fmt, layout=layout, rate=rate,
                                       frame_size=stream.codec_context.frame_size or None)
         for frame in inp.decode(audio=0):
@@ -307,7 +307,7 @@ def write_video_without_audio(path: Path | str, seconds: float = 2.0, codec: str
                               fps: int = 10, size: tuple[int, int] = (64, 48)) -> Path:
     """A video container (mp4/mkv/webm by suffix) with one video stream and no audio at all."""
     with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=fps)
+        stream = cast("av.VideoStream", out.add_stream(codec, rate=fps))
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
         stream.time_base = Fraction(1, fps)

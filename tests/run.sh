@@ -8,7 +8,8 @@
 # arguments given (default: the whole suite). Exits with pytest's exit code.
 #
 # Environment: PYTHON (interpreter for the venv, default python3), SMAPD_TEST_MODEL_CACHE (where the
-# embedded model is assembled once and reused, default .venv/smapd-model-cache).
+# embedded model is assembled once and reused, default .venv/smapd-model-cache), SMAPD_TEST_LINT=1 (run
+# ruff and mypy first, as CI does).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -68,6 +69,13 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
     echo "$want" > "$stamp"
 else
     say "smapd[test] already installed in $VENV (pyproject.toml unchanged)"
+fi
+
+# --- lint (CI sets SMAPD_TEST_LINT=1): ruff and mypy, configured in pyproject.toml ----------------
+if [[ ${SMAPD_TEST_LINT:-0} == 1 ]]; then
+    say "lint: ruff check smapd tests bench testkit; mypy smapd testkit"
+    "$VENV/bin/ruff" check smapd tests bench testkit
+    "$VENV/bin/mypy" smapd testkit
 fi
 
 # --- run ---------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import testkit as tk
 import numpy as np
 import pytest
 
+import testkit as tk
 from smapd import pipeline
 from smapd.engine import EngineSpec
 from smapd.models import ChunkStatus

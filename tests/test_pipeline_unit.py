@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from smapd import audio, pipeline
+from smapd import audio, chunking, pipeline
 from smapd.models import Chunk, ChunkResult, ChunkStatus, Segment, Word
 from smapd.worker import TranscribeRequest
 
 DATA = Path(__file__).parent / "data"
-STEP = audio.FRAME / audio.RATE
+STEP = chunking.FRAME / audio.RATE
 
 
 def probs(spans: list[tuple[float, float]], duration: float, quiet: float = 0.0) -> np.ndarray:
@@ -41,39 +41,39 @@ def sentences(n: int, pause: float, long_every: int = 0, long_pause: float = 6.0
 def test_packed_chunks_drop_long_pauses_and_never_cut_speech() -> None:
     spans = sentences(20, 0.8, long_every=3)
     duration = spans[-1][1] + 1.0
-    chunks, resume = audio.packed_chunks(probs(spans, duration), 30.0)
+    chunks, resume = chunking.packed_chunks(probs(spans, duration), 30.0)
     assert resume == pytest.approx(len(probs(spans, duration)) * STEP)
     for c in chunks:
         assert sum(b - a for a, b in c.pieces) <= 30.0 + 1e-6
         for (_, b), (a, _) in zip(c.pieces, c.pieces[1:]):
-            assert a - b >= audio.PACK_GAP, "only long pauses are left out"
+            assert a - b >= chunking.PACK_GAP, "only long pauses are left out"
     kept = [(a, b) for c in chunks for a, b in c.pieces]
     for s, e in spans:  # every sentence lies whole inside one piece
         assert any(a <= s and e <= b for a, b in kept), (s, e)
     # a pause of CHUNK_BREAK seconds always ends a chunk
-    gap = probs([(1.0, 20.0), (20.0 + audio.CHUNK_BREAK, 30.0 + audio.CHUNK_BREAK)], 31.0 + audio.CHUNK_BREAK)
-    assert len(audio.packed_chunks(gap, 30.0)[0]) == 2
+    gap = probs([(1.0, 20.0), (20.0 + chunking.CHUNK_BREAK, 30.0 + chunking.CHUNK_BREAK)], 31.0 + chunking.CHUNK_BREAK)
+    assert len(chunking.packed_chunks(gap, 30.0)[0]) == 2
     # the windows hold more speech than cutting the plain audio does
-    assert len(chunks) < len(audio.silence_chunks(np.zeros(int(duration * audio.RATE), dtype=np.int16), 30.0,
+    assert len(chunks) < len(chunking.silence_chunks(np.zeros(int(duration * audio.RATE), dtype=np.int16), 30.0,
                                                    probs=probs(spans, duration)))
 
 
 def test_packed_chunks_keep_quiet_speech_and_skip_noise_only_audio() -> None:
     p = probs([(1.0, 8.0)], 40.0)
     p[int(14 / STEP):int(20 / STEP)] = 0.2  # a soft voice: never above the VAD threshold
-    chunks, _ = audio.packed_chunks(p, 30.0)
+    chunks, _ = chunking.packed_chunks(p, 30.0)
     assert any(a <= 14.5 and 19.5 <= b for c in chunks for a, b in c.pieces), "the quiet stretch was dropped"
-    assert audio.packed_chunks(probs([], 60.0, quiet=0.3), 30.0)[0] == []
+    assert chunking.packed_chunks(probs([], 60.0, quiet=0.3), 30.0)[0] == []
 
 
 def test_a_partial_analysis_returns_only_chunks_that_later_audio_cannot_change() -> None:
     spans = sentences(30, 1.0, long_every=4)
     duration = spans[-1][1] + 1.0
     p = probs(spans, duration)
-    whole, _ = audio.packed_chunks(p, 30.0)
+    whole, _ = chunking.packed_chunks(p, 30.0)
     half = int(len(p) / 2)
-    early, resume = audio.packed_chunks(p[:half], 30.0, end=half * STEP, final=False)
-    later, _ = audio.packed_chunks(p, 30.0, origin=resume)
+    early, resume = chunking.packed_chunks(p[:half], 30.0, end=half * STEP, final=False)
+    later, _ = chunking.packed_chunks(p, 30.0, origin=resume)
     assert early and [c.pieces for c in early] == [c.pieces for c in whole[:len(early)]]
     assert [c.pieces for c in early + later] == [c.pieces for c in whole]
 

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import testkit as tk
 import numpy as np
 import pytest
 from test_daemon import CLIP, CLIP_TEXT, Node, kill_all, log_has, make_env, start
+
+import testkit as tk
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from testkit.spoolnode import SILENCE, finish_failed, finish_ok, job_of
 
 from smapd import report, runner
 from smapd.engine import EngineSpec
@@ -20,6 +19,7 @@ from smapd.settings import Settings
 from smapd.spool import REPORT_SUFFIX, Claim, Spool
 from smapd.spool.intake import ORPHAN_SETTLES
 from smapd.watcher import InboxWatcher
+from testkit.spoolnode import SILENCE, finish_failed, finish_ok, job_of
 
 SETTLE = 0.05
 

@@ -1,6 +1,7 @@
 """Fast unit tests of logic: chunking on synthetic VAD probabilities, settings, model assembly."""
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import shutil
@@ -9,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smapd import audio
+from smapd import audio, chunking
 from smapd.errors import ConfigError, ModelError
 from smapd.model import MODEL_BIN_SIZE, ensure_embedded, verify_embedded
 from smapd.settings import load_settings, plan_workers
 
-STEP = audio.FRAME / audio.RATE
+STEP = chunking.FRAME / audio.RATE
 
 
 def _probs(spans: list[tuple[float, float]], duration: float, quiet: float = 0.0) -> np.ndarray:
@@ -27,7 +28,7 @@ def _probs(spans: list[tuple[float, float]], duration: float, quiet: float = 0.0
 
 def _chunks(spans, duration, limit=30.0, quiet=0.0):
     samples = np.zeros(int(duration * audio.RATE), dtype=np.int16)
-    return audio.silence_chunks(samples, limit, probs=_probs(spans, duration, quiet))
+    return chunking.silence_chunks(samples, limit, probs=_probs(spans, duration, quiet))
 
 
 def test_cuts_fall_in_pauses_and_respect_the_limit():
@@ -40,7 +41,7 @@ def test_cuts_fall_in_pauses_and_respect_the_limit():
     assert len(chunks) >= 3
     for c in chunks:
         assert c.end - c.start <= 30.0 + 1e-6
-    for a, b in zip(chunks, chunks[1:]):
+    for a, b in itertools.pairwise(chunks):
         cut = b.start
         assert not any(s + 0.05 < cut < e - 0.05 for s, e in spans), f"cut at {cut} inside speech"
         assert a.end <= b.start + 1e-6
@@ -52,7 +53,7 @@ def test_over_long_speech_is_cut_at_its_quietest_point():
     p = _probs([(0.0, 70.0)], 70.0)
     dip = int(25.0 / STEP)  # inside the first cut window (15-30 s)
     p[dip - 3:dip + 3] = 0.3  # a breath, still "speech" for the VAD
-    chunks = audio.silence_chunks(np.zeros(70 * audio.RATE, dtype=np.int16), 30.0, probs=p)
+    chunks = chunking.silence_chunks(np.zeros(70 * audio.RATE, dtype=np.int16), 30.0, probs=p)
     assert all(c.end - c.start <= 30.0 + 1e-6 for c in chunks)
     assert any(abs(c.start - 25.0) < 0.5 for c in chunks), [c.start for c in chunks]
 
@@ -66,14 +67,14 @@ def test_dead_silence_is_skipped_but_quiet_speech_is_kept():
     # speech, 20 s of digital silence, speech; a stretch of low (0.2) probability stays in
     p = _probs([(1.0, 8.0), (30.0, 36.0)], 40.0)
     p[int(10 / STEP):int(13 / STEP)] = 0.2
-    chunks = audio.silence_chunks(np.zeros(40 * audio.RATE, dtype=np.int16), 30.0, probs=p)
+    chunks = chunking.silence_chunks(np.zeros(40 * audio.RATE, dtype=np.int16), 30.0, probs=p)
     assert chunks[0].start == 0.0 and chunks[-1].end >= 36.0
     assert not any(c.start < 20.0 < c.end for c in chunks), "a 17 s dead silence was fed to the decoder"
     assert any(c.start <= 10.0 and 13.0 <= c.end for c in chunks), "quiet stretch dropped"
 
 
 def test_fixed_chunks_are_smap_cuts():
-    assert [(c.start, c.end) for c in audio.fixed_chunks(65.0, 30.0)] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
+    assert [(c.start, c.end) for c in chunking.fixed_chunks(65.0, 30.0)] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
 
 
 def test_level_speech_raises_quiet_parts_only():
