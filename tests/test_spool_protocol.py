@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from smapd.errors import ClaimLost
-from smapd.spool import REPORT_SUFFIX, Spool
+from smapd.spool import REPORT_SUFFIX, Claim, Spool
 from smapd.spool import claims as claims_mod
 from testkit import wait_for
 from testkit.spoolnode import drop, finish_failed, spawn
@@ -29,16 +29,21 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "spool"
 
 
+def hung_claim(root: Path, name: str, lease: float) -> tuple[Spool, Claim, Spool]:
+    """Node a claims ``name`` and hangs; node b (its own lease table) sees the claim go stale."""
+    a = Spool(root, "a", lease_seconds=lease)
+    drop(a, name)
+    mine = a.claim(name)
+    assert mine
+    b = Spool(root, "b", lease_seconds=lease)
+    assert wait_for(b.recoverable, 5)
+    return a, mine, b
+
+
 def test_a_claim_refreshed_after_it_was_listed_as_stale_is_not_taken(root: Path) -> None:
     """Inv. 5, 6: recover() re-reads the lease right before its rename; an owner that woke up and
     refreshed in between keeps its claim."""
-    a = Spool(root, "a", lease_seconds=0.4)
-    drop(a, "slow.wav")
-    mine = a.claim("slow.wav")
-    assert mine
-    # a is hung from here on; b is another node with its own lease table
-    b = Spool(root, "b", lease_seconds=0.4)
-    assert wait_for(b.recoverable, 5)
+    a, mine, b = hung_claim(root, "slow.wav", 0.4)
     [listed] = b.recoverable()
     a.heartbeat(mine)  # the owner wakes up
     assert b.recover(listed) is None
@@ -122,12 +127,7 @@ def test_many_nodes_recovering_one_stale_claim_exactly_one_wins(root: Path) -> N
 
 def test_fail_after_a_takeover_writes_no_report_and_keeps_the_new_owners_claim(root: Path) -> None:
     """Inv. 2, 6: the old owner's fail() raises ClaimLost; failed/ stays empty, the new claim is intact."""
-    a = Spool(root, "a", lease_seconds=0.3)
-    drop(a, "f.wav")
-    mine = a.claim("f.wav")
-    assert mine
-    b = Spool(root, "b", lease_seconds=0.3)
-    assert wait_for(b.recoverable, 5)
+    a, mine, b = hung_claim(root, "f.wav", 0.3)
     theirs = b.recover(b.recoverable()[0])
     assert theirs
     with pytest.raises(ClaimLost):
