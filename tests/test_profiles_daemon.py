@@ -20,8 +20,6 @@ import pytest
 import testkit as tk
 from testkit import Node, SpoolView
 
-import testkit as tk
-
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 PROFILES = """\
