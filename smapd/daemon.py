@@ -304,7 +304,7 @@ class Daemon:
             self.spool.settle_seconds = s.settle_seconds
             self.dispatch.max_jobs = s.max_concurrent_jobs
             for name, seconds in intervals(s).items():  # a shorter lease needs faster refreshes (defect 2)
-                if seconds != before[name]:
+                if seconds != before[name] and self.scheduler.get_job(name) is not None:  # hooks, metrics: optional
                     self.scheduler.reschedule_job(name, trigger="interval", seconds=seconds)
             self.dispatch.recovery_due = self.dispatch.scan_due = True
             setup_logging(s.log_level, s.log_format, timestamps=not _journald())
