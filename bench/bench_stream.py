@@ -32,10 +32,11 @@ import wave
 from pathlib import Path
 from typing import Any
 
+from testkit import speech_dir
+
 ROOT = Path(__file__).resolve().parent.parent
-# ../shared next to the checkout (or next to a folder of worktrees above it)
-SHARED = next((p / "shared" for p in ROOT.parents if (p / "shared" / "data" / "speech").is_dir()), ROOT.parent / "shared")
-SPEECH = SHARED / "data" / "speech"
+SPEECH = speech_dir()  # ../shared/data/speech, found by the test kit
+SHARED = SPEECH.parents[1]
 CACHE = Path(os.environ.get("SMAPD_MODEL_CACHE", ROOT / ".venv" / "smapd-model-cache"))
 
 FW_POOL = """
