@@ -19,7 +19,7 @@ import testkit as tk
 from smapd import runner
 from smapd.engine import EngineSpec
 from smapd.models import Chunk, ChunkResult, ChunkStatus, Segment
-from smapd.pipeline import PipelineOptions
+from smapd.settings import Settings
 from smapd.spool import Claim, Spool
 from smapd.worker import TranscribeRequest
 
@@ -59,10 +59,10 @@ class FakePool:
         self.cancelled.append(job)
 
 
-CONFIG = runner.JobConfig(
+CONFIG = runner.JobConfig(  # from Settings, as the daemon builds it, with what these tests need
     engine=EngineSpec(kind="faster-whisper", model="fake-model"), workers=1,
-    pipeline=PipelineOptions(language="auto"), formats=("txt", "json"), words=False, chunk_timeout=60.0,
-    chunk_retries=0, max_file_bytes=0)
+    **runner.reloadable(Settings.model_construct(formats="txt,json", chunk_timeout=60.0, chunk_retries=0,
+                                                 max_file_bytes=0)))
 
 
 @pytest.fixture
