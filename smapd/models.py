@@ -102,6 +102,7 @@ class ChunkResult:
     language: tuple[str, float] | None = None  # what the chunk was decoded in, and the detector's probability
     signals: DecodeSignals | None = None
     rss_mb: float = 0.0  # the worker's resident memory when it returned this chunk (0: unknown)
+    crashed: bool = False  # failed because its worker was killed or hung (not an engine error)
 
     @property
     def chars(self) -> int:

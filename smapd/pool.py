@@ -233,6 +233,7 @@ class Pool:
         cpu = 0.0
         last_error = ""
         broken = False  # the slot must be restarted before it serves again
+        crashed = False  # the last attempt ended with its worker killed or hung, not with an engine error
         for attempt in range(1, self.retries + 2):
             task.attempts = attempt
             task.started = time.monotonic()
@@ -241,7 +242,7 @@ class Pool:
             try:
                 reply = slot.run(task.request(), self.chunk_timeout)
             except (ChunkTimeout, WorkerDied) as e:
-                last_error = str(e)
+                last_error, crashed = str(e), True
                 if isinstance(e, ChunkTimeout):
                     self._count("timeouts")
                 if self._closing:
@@ -254,7 +255,7 @@ class Pool:
                     broken = False
                 continue
             except ChunkError as e:
-                last_error = str(e)
+                last_error, crashed = str(e), False
                 if self._closing:
                     break
                 logger.warning("{}: {} (attempt {}/{})", _label(task), e, attempt, self.retries + 1)
@@ -262,7 +263,7 @@ class Pool:
             cpu += reply.stats.cpu_seconds
             self._settle(task, reply, ChunkStatus.OK, attempt, started, slot, cpu)
             return
-        self._settle(task, None, ChunkStatus.FAILED, task.attempts, started, slot, cpu, last_error)
+        self._settle(task, None, ChunkStatus.FAILED, task.attempts, started, slot, cpu, last_error, crashed)
         if broken and not self._closing:  # after the result: a failed chunk need not wait for a model load
             self._restart(slot)
 
@@ -279,7 +280,7 @@ class Pool:
 
     @staticmethod
     def _settle(task: _Task, reply: Reply | None, status: ChunkStatus, attempts: int, started: float, slot: Slot,
-                cpu: float, error: str = "") -> None:
+                cpu: float, error: str = "", crashed: bool = False) -> None:
         """Hand the outcome to the task's future as a ChunkResult."""
         done = reply.transcribed if reply is not None else None
         task.future.set_result(ChunkResult(
@@ -288,7 +289,7 @@ class Pool:
             error=None if done else (error or "the worker sent no transcript"), worker=slot.name,
             cpu_seconds=round(cpu, 3), language=done.language if done else None,
             signals=done.signals if done else None,
-            rss_mb=round(reply.stats.rss_mb if reply is not None else slot.rss_mb, 1)))
+            rss_mb=round(reply.stats.rss_mb if reply is not None else slot.rss_mb, 1), crashed=crashed and not done))
 
     def _recycle_if_needed(self, slot: Slot) -> None:
         """Replace a worker that has served its quota or grown too large (leaks)."""

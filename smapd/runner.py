@@ -293,6 +293,14 @@ def run_claim(claim: Claim, spool: Spool, pool: Pool, config: JobConfig, *, node
         return "lost"
     if cancelled.is_set():
         return "cancelled"
+    chunks = result.transcript.chunks if result.transcript is not None else ()
+    if result.outcome is Outcome.FAILED and chunks and all(c.crashed for c in chunks) \
+            and claim.attempt < spool.max_attempts:
+        # Every chunk lost its worker (killed, OOM, hung) on every retry: that says little about the
+        # file. Spend one of its MAX_ATTEMPTS on it, as for a node crash, instead of failing it now;
+        # a file that really kills workers still ends in failed/ after the last attempt.
+        raise TransientJobError(f"every chunk's worker was killed or hung ({chunks[0].short_error}); the file is "
+                                "retried as the next attempt")
     deadline = time.monotonic() + PUBLISH_RETRY_SECONDS
     while True:
         try:

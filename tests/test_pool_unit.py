@@ -185,9 +185,10 @@ def test_jobs_take_turns_and_a_cancelled_job_loses_its_queued_chunks() -> None:
 
 
 def test_close_cancels_what_waits() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def script(slot: FakeSlot, req: TranscribeRequest) -> Reply:
+        entered.set()
         gate.wait(5)
         return ok()
 
@@ -195,6 +196,7 @@ def test_close_cancels_what_waits() -> None:
     pool.start()
     running = pool.transcribe("job", chunk(0), lambda: AUDIO, DecodeOptions())
     waiting = pool.transcribe("job", chunk(1), lambda: AUDIO, DecodeOptions())
+    assert entered.wait(5), "the first chunk never reached the slot"  # else close() cancels both
     threading.Timer(0.2, gate.set).start()
     pool.close()
     assert waiting.cancelled()

@@ -4,6 +4,7 @@ way a job ends. Only public entry points are used (Spool's verbs, run_claim, Job
 spool's and the runner's insides may change freely. The real engine is proved in test_daemon.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import pytest
 import testkit as tk
 from smapd import runner
 from smapd.engine import EngineSpec
+from smapd.errors import TransientJobError
 from smapd.models import Chunk, ChunkResult, ChunkStatus, Segment
 from smapd.settings import Settings
 from smapd.spool import Claim, Spool
@@ -32,8 +34,8 @@ class FakePool:
 
     workers = 1
 
-    def __init__(self, fail: bool = False, during: Callable[[], None] | None = None) -> None:
-        self.fail, self.during = fail, during
+    def __init__(self, fail: bool = False, during: Callable[[], None] | None = None, crashed: bool = False) -> None:
+        self.fail, self.during, self.crashed = fail, during, crashed
         self.chunks: list[tuple[str, Chunk, int]] = []
         self.cancelled: list[str] = []
         self.slot = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fake-slot")
@@ -48,7 +50,8 @@ class FakePool:
                 self.during()
             if self.fail:
                 return ChunkResult(chunk=chunk, status=ChunkStatus.FAILED, attempts=2, seconds=0.01,
-                                   error="worker fake1 was killed by SIGKILL", worker="fake1")
+                                   error="worker fake1 was killed by SIGKILL", worker="fake1",
+                                   crashed=self.crashed)
             return ChunkResult(chunk=chunk, status=ChunkStatus.OK, attempts=1, seconds=0.01,
                                segments=(Segment(0.0, 2.0, " the cabbage juice changes color"),),
                                worker="fake1", language=("en", 0.99))
@@ -152,3 +155,19 @@ def test_a_job_whose_every_chunk_failed_goes_to_failed_saying_why(spool: Spool) 
     (report,) = reports(spool, spool.failed)
     assert "no chunk could be transcribed" in report["error"] and "SIGKILL" in report["error"]
     assert not os.listdir(spool.outbox)
+
+
+def test_a_job_whose_every_chunk_lost_its_worker_is_retried_as_the_next_attempt(tmp_path: Path) -> None:
+    """Workers killed from outside (OOM, an operator, the chaos run) on every retry of every chunk say
+    nothing about the file: the claim is kept for the next attempt (TransientJobError: the daemon
+    abandons it to its lease) instead of failing the file; at the last attempt the file fails."""
+    sp = Spool(tmp_path / "spool", "unit", lease_seconds=60, max_attempts=2)
+    sp.ensure_layout()
+    c = claim(sp, CLIP, "unlucky.ogg")
+    with pytest.raises(TransientJobError, match="retried as the next attempt"):
+        run(sp, c, FakePool(fail=True, crashed=True))
+    assert os.listdir(sp.processing) == [c.path.name] and not os.listdir(sp.failed) and not os.listdir(sp.outbox)
+    last = dataclasses.replace(c, attempt=2)  # the same claim as its last attempt (2 of 2)
+    assert run(sp, last, FakePool(fail=True, crashed=True)) == "failed"
+    (report,) = reports(sp, sp.failed)
+    assert "SIGKILL" in report["error"]
