@@ -11,16 +11,13 @@ Usage: PYTHONPATH=$PWD SMAPD_MODEL_CACHE=... .venv/bin/python bench/vocabulary.p
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+import testkit as tk
 from smapd import pipeline
 from smapd.runner import JobConfig
 from smapd.settings import load_settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import testkit as tk
-
-DATA = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/speech")
+DATA = tk.speech_dir(sys.argv[1] if len(sys.argv) > 1 else None)  # ../shared/data/speech by default
 # clip -> the target words its reference contains
 CLIPS = {
     "ami-ES2011a-headset0-40s-46s.wav": ("abigail", "claflin", "abbie"),
