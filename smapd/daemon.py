@@ -273,7 +273,7 @@ class Daemon:
         jobs = self._jobs()
         waiting = self.spool.waiting_count()
         if jobs:
-            j = max(jobs, key=lambda x: -x["seconds"])
+            j = min(jobs, key=lambda x: x["seconds"])  # the newest job
             self.notify.status(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}, {progress_text(j)} of "
                                f"{j['name']}, {waiting} waiting")
         else:

@@ -31,6 +31,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ class Hooks:
         self._lock = threading.Lock()
         self.ran = 0  # hooks this process ran (for metrics)
         self.failed = 0  # of those, how many exited non-zero or timed out
+        self._running: set[futures.Future[None]] = set()
 
     # --- the intent, from claim to finish ---
 
@@ -123,7 +125,7 @@ class Hooks:
         """The job is finished: claim its intent and run the hook in the background."""
         marker = self._take(self.dir / f"{event.job}.json")
         if marker is not None:
-            self._executor.submit(self._run, event, marker)
+            self._start(event, marker)
 
     # --- recovery ---
 
@@ -163,16 +165,16 @@ class Hooks:
             if marker is not None:
                 logger.warning("{}: running the completion hook that {} could not run", event.input,
                                owner or "the node that finished it")
-                self._executor.submit(self._run, event, marker)
+                self._start(event, marker)
                 started += 1
         return started
 
     def close(self, wait: float = 5.0) -> None:
         """Stop taking hooks; give running ones ``wait`` seconds (the rest are re-run by a sweep)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + wait
-        for t in [t for t in threading.enumerate() if t.name.startswith("smapd-hook")]:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            running = set(self._running)
+        futures.wait(running, timeout=wait)
 
     # --- running one hook ---
 
@@ -185,6 +187,16 @@ class Hooks:
         except FileNotFoundError:
             return None
         return marker
+
+    def _start(self, event: HookEvent, marker: Path) -> None:
+        future = self._executor.submit(self._run, event, marker)
+        with self._lock:
+            self._running.add(future)
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: futures.Future[None]) -> None:
+        with self._lock:
+            self._running.discard(future)
 
     def _run(self, event: HookEvent, marker: Path) -> None:
         argv = expand(self.argv, event.values(self.spool))
