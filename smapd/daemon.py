@@ -25,6 +25,7 @@ from loguru import logger
 from smapd import __version__, runner
 from smapd.dispatch import ActiveJob, Dispatcher, Waker
 from smapd.errors import ConfigError
+from smapd.helping import Helper
 from smapd.jobevents import JobEvents
 from smapd.logs import setup_logging
 from smapd.pool import Pool
@@ -133,8 +134,10 @@ class Daemon:
                     s.max_concurrent_jobs, c.chunk_timeout)
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="smapd-job")
         self.pool: Pool = c.make_pool()
+        self.helper = Helper(self.spool, self.pool, c.model_label, self.executor, self.wake.set) \
+            if s.share_chunks else None  # issue 10: idle slots make other nodes' offered chunks
         self.dispatch = Dispatcher(self.spool, self.pool, self._run_job, self.executor, s.max_concurrent_jobs,
-                                   self.wake)
+                                   self.wake, self.helper)
         self.events = JobEvents(s, self.spool)  # the completion hook and the metrics file (issue 11)
         self.watcher: InboxWatcher | None = None
         self.scheduler: Any = None
@@ -188,6 +191,8 @@ class Daemon:
         self.notify("STOPPING=1")
         d = self.dispatch
         d.stopping = True
+        if self.helper is not None:
+            self.helper.stop()
         logger.info("stopping: no new claims; waiting up to {:g} s for {} job(s)", grace, len(d.active()))
         left = d.wait_idle(time.monotonic() + grace, lambda: self.stops >= 2)
         d.cancel(left)
@@ -261,6 +266,8 @@ class Daemon:
             "node": self.settings.node, "pid": os.getpid(), "version": __version__,
             "workers": self.config.workers, "busy_workers": self.pool.busy(), "stopping": bool(self.stops),
             "completed": d.completed, "failed": d.failed, "jobs": self._jobs(),
+            "helping": self.helper.active() if self.helper is not None else [],
+            "chunks_helped": self.helper.made if self.helper is not None else 0,
         })
 
     def _write_metrics(self) -> None:

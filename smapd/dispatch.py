@@ -28,6 +28,7 @@ from typing import Literal, Protocol
 from loguru import logger
 
 from smapd.errors import ClaimLost, SmapdError
+from smapd.helping import Helper
 from smapd.pipeline import Progress
 from smapd.spool import Claim, Spool
 
@@ -42,6 +43,8 @@ class PoolView(Protocol):
     workers: int
 
     def queued(self) -> dict[str, int]: ...
+
+    def busy(self) -> int: ...
 
     def cancel_job(self, job: str) -> None: ...
 
@@ -61,14 +64,16 @@ class ActiveJob:
     outcome: str | None = None  # the runner's, once the job thread is done with it
     audio_total: float = 0.0  # the file's audio seconds, once decoded
     audio_done: float = 0.0  # audio seconds of the chunks finished so far
+    audio_resumed: float = 0.0  # of which taken from checkpoints (issue 10)
     progressed: float = field(default_factory=time.monotonic)  # when it last moved (stall flag)
     first_slot: float | None = None  # when its first chunk reached a slot (for the speed and ETA)
 
     def eta_seconds(self) -> float | None:
         """Seconds left at the speed measured so far, or None before the first chunk finished."""
-        if self.first_slot is None or self.audio_done <= 0 or not self.audio_total:
+        made = self.audio_done - self.audio_resumed
+        if self.first_slot is None or made <= 0 or not self.audio_total:
             return None
-        speed = self.audio_done / max(1e-3, time.monotonic() - self.first_slot)
+        speed = made / max(1e-3, time.monotonic() - self.first_slot)
         return max(0.0, (self.audio_total - self.audio_done) / speed)
 
 
@@ -118,10 +123,11 @@ class Dispatcher:
     """
 
     def __init__(self, spool: Spool, pool: PoolView, run_job: RunJob, executor: Executor, max_jobs: MaxJobs,
-                 wake: Waker) -> None:
+                 wake: Waker, helper: Helper | None = None) -> None:
         self.spool, self.pool, self.run_job, self.executor = spool, pool, run_job, executor
         self.max_jobs: MaxJobs = max_jobs
         self.wake = wake
+        self.helper = helper  # issue 10: idle slots make other nodes' offered chunks
         self.jobs: dict[str, ActiveJob] = {}
         self.lock = threading.Lock()  # guards ``jobs``: job threads remove themselves
         self.stopping = False
@@ -169,6 +175,10 @@ class Dispatcher:
         if self.scan_due or settle or (self._files_waiting and self.has_room()):
             self.scan_due, self.settle_at = False, None  # a failed scan waits for the next hint or rescan
             self.claim_ready(now)
+        if self.helper is not None and not self._files_waiting and not self._recovery_backlog:
+            with self.lock:
+                mine = set(self.jobs)
+            self.helper.help(self.pool.workers - self.pool.busy() - sum(self.pool.queued().values()), mine)
 
     def recover(self) -> None:
         """Take over stale claims (and this node's dead ones) while there is room; a claim at
@@ -228,6 +238,9 @@ class Dispatcher:
         job.chunks_total, job.chunks_done = p.total, p.done
         job.audio_total = p.duration or job.audio_total
         job.progressed = time.monotonic()
+        if p.kind == "planned" and p.resumed:
+            job.audio_resumed = p.resumed  # from checkpoints: done, but not at this attempt's speed
+            job.audio_done = max(job.audio_done, p.resumed)
         if p.kind == "finished" and p.chunk is not None:
             job.audio_done = min(job.audio_total or float("inf"), job.audio_done + p.chunk.duration)
         if p.kind == "started":
@@ -263,7 +276,10 @@ class Dispatcher:
             return list(self.jobs.values())
 
     def refresh_leases(self) -> None:
-        """Keep every claim in flight fresh; a claim another node took over is cancelled (any thread)."""
+        """Keep every claim in flight fresh, and the chunks this node makes for others; a claim another
+        node took over is cancelled (any thread)."""
+        if self.helper is not None:
+            self.helper.refresh()
         for job in self.active():
             try:
                 self.spool.heartbeat(job.claim)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class JobState(str, Enum):
@@ -103,6 +104,11 @@ class ChunkResult:
     signals: DecodeSignals | None = None
     rss_mb: float = 0.0  # the worker's resident memory when it returned this chunk (0: unknown)
     crashed: bool = False  # failed because its worker was killed or hung (not an engine error)
+    # issue 10: who made it ({"node", "attempt", "helper"}), whether it came from a checkpoint of an
+    # earlier attempt or another node (``resumed``), and whether a node that died had started it (``redone``)
+    made_by: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    resumed: bool = False
+    redone: bool = False
 
     @property
     def chars(self) -> int:

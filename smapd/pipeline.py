@@ -7,13 +7,14 @@ language detection pass (each chunk detects its language from its own encoder pa
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from loguru import logger
@@ -51,6 +52,15 @@ class Progress:
     result: ChunkResult | None = None
     worker: str | None = None
     duration: float = 0.0  # the file's audio seconds (progress in audio time: done chunks over this)
+    resumed: float = 0.0  # ("planned") audio seconds of the chunks taken from checkpoints
+
+
+def language_prior(results: Iterable[ChunkResult]) -> str | None:
+    """The language ``results`` agree on (the prior a chunk made elsewhere is decoded with)."""
+    vote = _Languages()
+    for r in results:
+        vote.add(r)
+    return vote.prior()
 
 
 class _Languages:
@@ -120,9 +130,77 @@ def _shift(segment: Segment, convert: Callable[[float], float]) -> Segment:
     return Segment(convert(segment.start), convert(segment.end), segment.text, words)
 
 
+class Checkpoints(Protocol):
+    """Where a job's finished chunks are kept while it runs (issue 10; ``smapd.checkpoints`` keeps
+    them in the spool). The pipeline asks it what an earlier attempt or another node already made,
+    offers chunks to other nodes, takes a chunk before a slot makes it, and keeps every result."""
+
+    def saved_plan(self) -> list[Chunk] | None:
+        """The chunk plan an earlier attempt completed (the same cuts), or None."""
+
+    def saved(self) -> dict[int, ChunkResult]:
+        """Chunks already made (by an earlier attempt or a helper), by index."""
+
+    def planned(self, chunks: list[Chunk]) -> None:
+        """The plan is complete."""
+
+    def share(self, duration: float, chunk_seconds: float) -> bool:
+        """Whether this job's chunks are offered to other nodes."""
+
+    def offer(self, chunk: Chunk, window: np.ndarray, speech: tuple) -> None:
+        """Offer ``chunk`` to other nodes: ``window`` is its int16 samples, ``speech`` its speech spans
+        in window time (what a helper hands its engine, exactly as this node would)."""
+
+    def take(self, chunk: Chunk) -> bool:
+        """A slot of ours is about to make ``chunk``: False when another node has it."""
+
+    def save(self, result: ChunkResult) -> ChunkResult:
+        """Keep a chunk this node made; returns it marked with who made it."""
+
+    def arrived(self, pending: set[int]) -> tuple[list[ChunkResult], list[int]]:
+        """Of the chunks other nodes took: the results that arrived, and those to make here after all
+        (their helper died or gave up)."""
+
+
+class NoCheckpoints:
+    """``smapd transcribe``: nothing is kept, nothing shared."""
+
+    def saved_plan(self) -> list[Chunk] | None:
+        return None
+
+    def saved(self) -> dict[int, ChunkResult]:
+        return {}
+
+    def planned(self, chunks: list[Chunk]) -> None:
+        pass
+
+    def share(self, duration: float, chunk_seconds: float) -> bool:
+        return False
+
+    def offer(self, chunk: Chunk, window: np.ndarray, speech: tuple) -> None:
+        pass
+
+    def take(self, chunk: Chunk) -> bool:
+        return True
+
+    def save(self, result: ChunkResult) -> ChunkResult:
+        return result
+
+    def arrived(self, pending: set[int]) -> tuple[list[ChunkResult], list[int]]:
+        return [], []
+
+
+POLL_SECONDS = 1.0  # how often an owner looks for the chunks other nodes make
+
+
 def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = None, key: str | None = None,
-        on_progress: Callable[[Progress], None] | None = None) -> Transcript:
+        on_progress: Callable[[Progress], None] | None = None,
+        checkpoints: Checkpoints | None = None) -> Transcript:
     """Transcribe one file on a started pool. A transcript whose chunks all failed has outcome FAILED.
+
+    With ``checkpoints`` (the daemon), chunks an earlier attempt or another node made are not made
+    again, the plan of an earlier attempt is reused, every chunk made here is kept as it finishes,
+    and a long file's chunks are offered to other nodes.
 
     Raises:
         PermanentJobError: the input cannot be decoded (with a one-sentence reason).
@@ -131,6 +209,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     key = key or job  # the pool's name for this job (fair queueing, cancelling)
     log = logger.bind(job=job)
     notify = on_progress or (lambda p: None)
+    store: Checkpoints = checkpoints or NoCheckpoints()
     timings: dict[str, float] = {}
     t0 = time.monotonic()
 
@@ -145,15 +224,14 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     chunks: list[Chunk] = []
     done = 0
 
-    def request(chunk: Chunk, language: str | None = None) -> Callable[[], TranscribeRequest]:
-        def build() -> TranscribeRequest:  # when a slot takes it: the vote so far is the prior
+    def request(chunk: Chunk, language: str | None = None) -> Callable[[], TranscribeRequest | None]:
+        def build() -> TranscribeRequest | None:  # when a slot takes it: the vote so far is the prior
+            if language is None and not store.take(chunk):
+                return None  # another node makes it
             prior = language or forced or languages.prior()
             window, speech = _window(chunk, decoded.float32)
-            return TranscribeRequest(window, DecodeOptions(
-                language=prior, task=options.task, beam_size=options.beam_size,
-                follow_language=language is None and forced is None and options.language_mode == "chunk",
-                initial_prompt=options.initial_prompt or None, hotwords=options.hotwords or None),
-                speech)
+            return TranscribeRequest(window, decode_options(options, prior, follow=language is None and forced is None),
+                                     speech)
         return build
 
     early: list[tuple[Chunk, str]] | None = []  # chunks that started before the plan was complete
@@ -169,34 +247,79 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
         notify(Progress("started", len(chunks), done, chunk=chunk, worker=worker,
                         duration=decoded.info.duration))
 
+    saved, plan = store.saved(), store.saved_plan()
+    sharing = store.share(decoded.info.duration, options.chunk_seconds)
+    results: dict[int, ChunkResult] = {}
+    arrivals: queue.SimpleQueue[tuple[Chunk, ChunkResult | None]] = queue.SimpleQueue()
+
+    def submit(chunk: Chunk) -> None:
+        fut = pool.submit(key, chunk, request(chunk), on_start=started)
+        fut.add_done_callback(lambda f: arrivals.put((chunk, _voted(_result(f, chunk)))))
+
+    def _voted(result: ChunkResult | None) -> ChunkResult | None:
+        if result is not None:
+            languages.add(result)  # at once: the chunks that start next have it as their prior
+        return result
+
     t1 = time.monotonic()
-    futures: dict[Future, Chunk] = {}
-    for chunk in _plan(decoded, options):
+    for chunk in plan if plan is not None else _plan(decoded, options):
         if not chunks:
             timings["first_chunk_seconds"] = round(time.monotonic() - t0, 3)
         chunks.append(chunk)
-        fut = pool.submit(key, chunk, request(chunk), on_start=started)
-        fut.add_done_callback(lambda f: None if f.cancelled() else languages.add(f.result()))  # vote at once
-        futures[fut] = chunk
+        kept = saved.get(chunk.index)
+        if kept is not None and kept.chunk == chunk and kept.status is ChunkStatus.OK:
+            results[chunk.index] = kept  # made before: by an earlier attempt or another node
+            languages.add(kept)
+            continue
+        if sharing:
+            store.offer(chunk, *_window(chunk, lambda a, b: decoded.samples[int(a * audio.RATE):int(b * audio.RATE)]))
+        submit(chunk)
+    if plan is None:
+        store.planned(chunks)
     timings["chunk_seconds"] = round(time.monotonic() - t1, 3)  # VAD and cutting, overlapped with decoding
     speech = round(sum(_speech_seconds(c) for c in chunks), 3)
-    log.info("{}: {:.1f} s of audio, {:.1f} s of speech in {} chunks", job, decoded.info.duration, speech,
-             len(chunks))
-    notify(Progress("planned", len(chunks), done, duration=decoded.info.duration))
+    log.info("{}: {:.1f} s of audio, {:.1f} s of speech in {} chunks{}", job, decoded.info.duration, speech,
+             len(chunks), ", offered to other nodes" if sharing else "")
+    if results:
+        makers = sorted({_maker(r) for r in results.values()})
+        log.info("{}: resumed {} of {} chunks from checkpoints (made by {})", job, len(results), len(chunks),
+                 ", ".join(makers))
+    done = len(results)
+    notify(Progress("planned", len(chunks), done, duration=decoded.info.duration,
+                    resumed=sum(c.duration for c in chunks if c.index in results)))
     with lock:
         waiting, early = early or [], None
     for chunk, worker in waiting:
         started(chunk, worker)
 
-    results: dict[int, ChunkResult] = {}
+    by_index = {c.index: c for c in chunks}
+    pending: set[int] = set()  # taken by other nodes: their results come through ``store``
     try:
-        for fut in as_completed(futures):
-            result = _result(fut, futures[fut])
-            done += 1
-            results[result.chunk.index] = result
-            _log_result(log, result, len(chunks), done)
-            notify(Progress("finished", len(chunks), done, chunk=result.chunk, result=result,
-                            duration=decoded.info.duration))
+        while len(results) < len(chunks):
+            try:
+                item: tuple[Chunk, ChunkResult | None] | None = arrivals.get(timeout=POLL_SECONDS if pending else None)
+            except queue.Empty:
+                item = None
+            if item is not None and item[1] is None:
+                pending.add(item[0].index)
+            got = [store.save(item[1])] if item is not None and item[1] is not None else []
+            if pending:
+                came, redo = store.arrived(pending)
+                got += came
+                for r in came:
+                    languages.add(r)
+                for index in redo:
+                    pending.discard(index)
+                    submit(by_index[index])
+            for r in got:
+                if r.chunk.index in results:
+                    continue
+                pending.discard(r.chunk.index)
+                results[r.chunk.index] = r
+                done += 1
+                _log_result(log, r, len(chunks), done)
+                notify(Progress("finished", len(chunks), done, chunk=r.chunk, result=r,
+                                duration=decoded.info.duration))
         language, probability = (forced, None) if forced else languages.final(results.values())
         # Unsure chunks decoded in another language than the file's (e.g. before any vote): again.
         again = {pool.submit(key, r.chunk, request(r.chunk, language), on_start=started): r.chunk
@@ -204,9 +327,9 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
                  and r.language is not None and r.language[0] != language and _unsure(r)}
         for fut in as_completed(again):
             result = _result(fut, again[fut])
-            if result.status is ChunkStatus.OK:
+            if result is not None and result.status is ChunkStatus.OK:
                 log.info("[{}/{}] decoded again in {}", result.chunk.index, len(chunks), language)
-                results[result.chunk.index] = result
+                results[result.chunk.index] = store.save(result)
     finally:
         pool.cancel_job(key)
     timings["transcribe_seconds"] = round(time.monotonic() - t1, 3)
@@ -222,6 +345,19 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     return transcript
 
 
+def decode_options(options: PipelineOptions, prior: str | None, *, follow: bool) -> DecodeOptions:
+    """What a chunk is decoded with: the job's options and the language prior (``follow``: the chunk
+    may leave it when its own detector is sure)."""
+    return DecodeOptions(language=prior, task=options.task, beam_size=options.beam_size,
+                         follow_language=follow and options.language_mode == "chunk",
+                         initial_prompt=options.initial_prompt or None, hotwords=options.hotwords or None)
+
+
+def _maker(r: ChunkResult) -> str:
+    m = r.made_by or {}
+    return f"{m.get('node')} " + (f"attempt {m.get('attempt')}" if m.get("attempt") else "as helper")
+
+
 def _plan(decoded: audio.Decoded, options: PipelineOptions) -> Iterable[Chunk]:
     if not options.vad:
         return chunking.fixed_chunks(decoded.info.duration, options.chunk_seconds)
@@ -230,7 +366,8 @@ def _plan(decoded: audio.Decoded, options: PipelineOptions) -> Iterable[Chunk]:
     return chunking.silence_chunks(decoded.samples, options.chunk_seconds)
 
 
-def _result(fut: Future, chunk: Chunk) -> ChunkResult:
+def _result(fut: Future, chunk: Chunk) -> ChunkResult | None:
+    """The chunk's result; None when another node makes it."""
     if fut.cancelled():  # the pool is shutting down (daemon stop): a gap, not a crash
         return ChunkResult(chunk=chunk, status=ChunkStatus.FAILED, attempts=0, seconds=0.0,
                            error="cancelled: smapd was shutting down")

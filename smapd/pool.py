@@ -28,7 +28,8 @@ from smapd.worker import Reply, TranscribeRequest
 @dataclass
 class _Task:
     job: str
-    request: Callable[[], TranscribeRequest]  # built when a slot takes the task: audio is converted lazily
+    # built when a slot takes the task: audio is converted lazily; None: skip it (its future gets None)
+    request: Callable[[], TranscribeRequest | None]
     future: Future
     chunk: Chunk
     on_start: Callable[[Chunk, str], None] | None = None
@@ -152,9 +153,10 @@ class Pool:
         speech = tuple((round(s - chunk.start, 3), round(e - chunk.start, 3)) for s, e in chunk.speech)
         return self.submit(job, chunk, lambda: TranscribeRequest(audio(), options, speech), on_start)
 
-    def submit(self, job: str, chunk: Chunk, request: Callable[[], TranscribeRequest],
+    def submit(self, job: str, chunk: Chunk, request: Callable[[], TranscribeRequest | None],
                on_start: Callable[[Chunk, str], None] | None = None) -> Future:
-        """Future of a ChunkResult (never raises: failures are results with status FAILED).
+        """Future of a ChunkResult (never raises: failures are results with status FAILED), or of None
+        when ``request`` returns None as a slot takes the task.
 
         Args:
             job: The job's key (fair queueing, cancelling).
@@ -237,10 +239,14 @@ class Pool:
         for attempt in range(1, self.retries + 2):
             task.attempts = attempt
             task.started = time.monotonic()
+            request = task.request()
+            if request is None:  # nothing to do after all (another node makes this chunk)
+                task.future.set_result(None)
+                return
             if task.on_start is not None:
                 task.on_start(task.chunk, slot.name)
             try:
-                reply = slot.run(task.request(), self.chunk_timeout)
+                reply = slot.run(request, self.chunk_timeout)
             except (ChunkTimeout, WorkerDied) as e:
                 last_error, crashed = str(e), True
                 if isinstance(e, ChunkTimeout):

@@ -85,7 +85,10 @@ class ChunkEntry:
     (audio the engine heard: long pauses inside the chunk are left out), ``language`` and
     ``language_probability`` (what this chunk was decoded in: mixed-language files change it), and
     ``signals`` (the decoder's own confidence: ``avg_logprob``, ``compression_ratio``,
-    ``no_speech_prob``, ``temperature``, ``beam_size``, ``windows``; null when it failed)."""
+    ``no_speech_prob``, ``temperature``, ``beam_size``, ``windows``; null when it failed),
+    ``made_by`` (``node``, ``attempt`` of the job, ``helper``: true when another node's idle slot
+    made it; null outside the daemon), ``resumed`` (taken from a checkpoint that an earlier attempt
+    or a helper made before this attempt began) and ``redone`` (a node that died had started it)."""
 
     index: int
     start: float | None
@@ -100,6 +103,9 @@ class ChunkEntry:
     language: str | None = None
     language_probability: float | None = None
     signals: dict[str, float] | None = None
+    made_by: dict[str, Any] | None = None
+    resumed: bool = False
+    redone: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,9 @@ class Totals:
     """``wall_seconds``, ``cpu_seconds`` (user+system, this process and its workers), ``peak_rss_mb``,
     ``real_time_factor`` (audio seconds per wall second, "x real time": 10.0 = ten times faster than
     real time; the inverse of the usual ASR RTF), ``success_rate`` (percent of chunks transcribed),
-    ``chunks_ok``, ``chunks_failed``, ``speech_seconds`` (VAD speech), ``stage_seconds`` (per stage)."""
+    ``chunks_ok``, ``chunks_failed``, ``speech_seconds`` (VAD speech), ``stage_seconds`` (per stage),
+    ``chunks_resumed`` (from checkpoints), ``chunks_helped`` (made by other nodes) and ``chunks_redone``
+    (started by a node that died, made again)."""
 
     wall_seconds: float | None = None
     cpu_seconds: float | None = None
@@ -118,6 +126,9 @@ class Totals:
     chunks_failed: int = 0
     speech_seconds: float | None = None
     stage_seconds: dict[str, float | None] = field(default_factory=dict)
+    chunks_resumed: int = 0
+    chunks_helped: int = 0
+    chunks_redone: int = 0
 
 
 @dataclass(frozen=True)
@@ -276,7 +287,8 @@ def build(transcript: Transcript | None, *, input: InputInfo, job: JobInfo, erro
                                 decoded_seconds=num(sum(b - a for a, b in c.chunk.spans)),
                                 language=c.language[0] if c.language else None,
                                 language_probability=num(c.language[1], 4) if c.language else None,
-                                signals=dataclasses.asdict(c.signals) if c.signals else None)
+                                signals=dataclasses.asdict(c.signals) if c.signals else None,
+                                made_by=dict(c.made_by) if c.made_by else None, resumed=c.resumed, redone=c.redone)
                      for c in chunks),
         totals=Totals(
             wall_seconds=num(m.wall_seconds), cpu_seconds=num(m.cpu_seconds), peak_rss_mb=num(m.peak_rss_mb, 1),
@@ -284,7 +296,10 @@ def build(transcript: Transcript | None, *, input: InputInfo, job: JobInfo, erro
             success_rate=(num(transcript.success_rate, 1) or 0.0) if transcript else 0.0,
             chunks_ok=ok, chunks_failed=len(chunks) - ok,
             speech_seconds=num(transcript.speech_seconds) if transcript else None,
-            stage_seconds={k: num(v) for k, v in transcript.timings.items()} if transcript else {}),
+            stage_seconds={k: num(v) for k, v in transcript.timings.items()} if transcript else {},
+            chunks_resumed=sum(1 for c in chunks if c.resumed),
+            chunks_helped=sum(1 for c in chunks if c.made_by and c.made_by.get("helper")),
+            chunks_redone=sum(1 for c in chunks if c.redone)),
         job=job,
         outputs=dict(outputs or {}),
     )

@@ -24,6 +24,7 @@ from typing import Any
 from loguru import logger
 
 from smapd import audio, pipeline, profiles, writers
+from smapd.checkpoints import SpoolCheckpoints, fingerprint
 from smapd.engine import EngineSpec
 from smapd.errors import ClaimLost, ConfigError, PermanentJobError, TransientJobError
 from smapd.model import EMBEDDED, EMBEDDED_NAME, download_named, resolve_model, sha256_file
@@ -53,6 +54,8 @@ class JobConfig:
     max_file_bytes: int
     worker_max_chunks: int = 0
     worker_max_rss_mb: int = 0
+    share_chunks: bool = False  # issue 10: offer long files' chunks to other nodes (SMAPD_SHARE_CHUNKS)
+    share_min_chunks: int = 6
     model_label: str = ""
     plan_reason: str = ""
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # global values of profile options
@@ -160,7 +163,8 @@ def _cpu_now() -> float:
 
 def execute(path: Path, pool: Pool, config: JobConfig, *, job: JobInfo | Mapping[str, Any],
             display_name: str | None = None, key: str | None = None,
-            on_progress: Callable[[pipeline.Progress], None] | None = None) -> JobResult:
+            on_progress: Callable[[pipeline.Progress], None] | None = None,
+            checkpoints: Callable[[str | None], pipeline.Checkpoints | None] | None = None) -> JobResult:
     """Transcribe ``path`` and render its outputs and report. Never raises for bad input.
 
     Args:
@@ -171,6 +175,7 @@ def execute(path: Path, pool: Pool, config: JobConfig, *, job: JobInfo | Mapping
         display_name: The name to report (the original name of a claimed file).
         key: Groups the job's chunks in the pool (the job id).
         on_progress: Progress callback, passed to the pipeline.
+        checkpoints: Given the input's SHA-256, the job's checkpoints (the daemon's claims, issue 10).
 
     Returns:
         The result; its report names the outputs ``<name's stem><suffix>`` (``published_as`` renames).
@@ -188,7 +193,8 @@ def execute(path: Path, pool: Pool, config: JobConfig, *, job: JobInfo | Mapping
             raise PermanentJobError(
                 f"the file is {size:,} bytes, over SMAPD_MAX_FILE_BYTES={config.max_file_bytes:,}")
         digest = sha256_file(path) if size else None
-        transcript = pipeline.run(path, pool, config.pipeline, job=name, key=key, on_progress=on_progress)
+        transcript = pipeline.run(path, pool, config.pipeline, job=name, key=key, on_progress=on_progress,
+                                  checkpoints=checkpoints(digest) if checkpoints is not None else None)
     except PermanentJobError as e:
         error = str(e)
     except OSError as e:
@@ -232,6 +238,7 @@ def reloadable(s: Settings) -> dict[str, Any]:
                                              language_mode=s.language_mode),
         "formats": s.format_list, "words": s.word_timestamps, "chunk_timeout": s.chunk_timeout_seconds,
         "chunk_retries": s.chunk_retries, "max_file_bytes": s.max_file_bytes, "defaults": profiles.defaults(s),
+        "share_chunks": s.share_chunks, "share_min_chunks": s.share_min_chunks,
     }
 
 
@@ -258,6 +265,36 @@ def job_config(claim: Claim, spool: Spool, config: JobConfig) -> JobConfig:
         raise ConfigError(f"it was dropped in inbox/{claim.profile}/, but there is no profile "
                           f"{claim.profile!r} ({config.profiles.known()})")
     return config.for_job(claim.profile, overrides)
+
+
+def chunk_fingerprint(config: JobConfig) -> str:
+    """What a checkpointed chunk's text depends on besides its audio: a checkpoint of another
+    fingerprint (the model or an option changed) is never reused."""
+    p = config.pipeline
+    return fingerprint({**config.options, "model": config.model_label, "engine": config.engine.kind,
+                        "compute_type": config.engine.compute_type, "chunk_seconds": p.chunk_seconds, "pack": p.pack,
+                        "max_seconds": p.max_seconds})
+
+
+def claim_checkpoints(claim: Claim, spool: Spool, config: JobConfig, node: str,
+                      digest: str | None) -> SpoolCheckpoints | None:
+    """The checkpoints of a claimed job: its own folder (a takeover finds the earlier attempts'),
+    or the one a graceful stop left of the same bytes; None when the spool will not take them."""
+    board, fp = spool.job_chunks(claim.job_id), chunk_fingerprint(config)
+    p = config.pipeline
+    try:
+        if digest and not board.exists():
+            spool.adopt_chunks(claim.job_id, digest, fp)
+        board.begin({"job_id": claim.job_id, "name": names_display(claim.original_name), "digest": digest,
+                     "fingerprint": fp, "model": config.model_label, "owner": node, "attempt": claim.attempt,
+                     "decode": {"language": p.language, "task": p.task, "beam_size": p.beam_size,
+                                "initial_prompt": p.initial_prompt, "hotwords": p.hotwords,
+                                "language_mode": p.language_mode}})
+    except OSError as e:
+        logger.warning("{}: no chunk checkpoints ({})", claim.original_name, e.strerror or e)
+        return None
+    return SpoolCheckpoints(board, attempt=claim.attempt, share=config.share_chunks,
+                            min_chunks=config.share_min_chunks, peers=lambda: len(spool.live_peers()))
 
 
 def run_claim(claim: Claim, spool: Spool, pool: Pool, config: JobConfig, *, node: str, lost: threading.Event,
@@ -287,7 +324,8 @@ def run_claim(claim: Claim, spool: Spool, pool: Pool, config: JobConfig, *, node
     else:
         job = dataclasses.replace(job, options=config.options)
         result = execute(claim.path, pool, config, job=job, display_name=claim.original_name, key=claim.job_id,
-                         on_progress=on_progress)
+                         on_progress=on_progress, checkpoints=lambda digest: claim_checkpoints(claim, spool, config,
+                                                                                               node, digest))
     if lost.is_set():
         log.warning("{}: claim lost to another node during the job; publishing nothing", claim.original_name)
         return "lost"

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = 60.0
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    # issue 10: offer the chunks of long files to idle nodes of the spool, and help theirs
+    share_chunks: bool = True
+    share_min_chunks: int = 6
 
     # --- operations ---
     on_done: str = ""  # the completion hook's command template ("" = none)
@@ -134,7 +137,7 @@ class Settings(BaseSettings):
             raise ValueError("expected 'auto' or a number of seconds > 0")
         return f
 
-    @field_validator("beam_size", "max_attempts")
+    @field_validator("beam_size", "max_attempts", "share_min_chunks")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:

@@ -28,13 +28,14 @@ SCHEMA: dict[str, set[str] | None] = {
                "chunk_timeout", "vad", "command"},
     "chunks": None,
     "totals": {"wall_seconds", "cpu_seconds", "peak_rss_mb", "real_time_factor", "success_rate", "chunks_ok",
-               "chunks_failed", "speech_seconds", "stage_seconds"},
+               "chunks_failed", "speech_seconds", "stage_seconds", "chunks_resumed", "chunks_helped",
+               "chunks_redone"},
     "job": {"id", "attempt", "node", "claimed_as", "original_name", "output_stem", "attempts", "warning", "profile",
             "options"},
     "outputs": None,
 }
 CHUNK_KEYS = {"index", "start", "end", "attempts", "seconds", "status", "chars", "error", "worker",
-              "decoded_seconds", "language", "language_probability", "signals"}
+              "decoded_seconds", "language", "language_probability", "signals", "made_by", "resumed", "redone"}
 ENGINE = EngineInfo(name="faster-whisper", model="base", device="cpu", compute_type="int8", workers=2,
                     cpu_threads=1, beam_size=1, chunk_seconds=30.0, chunk_timeout=120.0, vad=True)
 ATTEMPTS = ({"attempt": 1, "node": "n1", "pid": 42, "how": "claimed from inbox/"},)

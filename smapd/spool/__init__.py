@@ -25,7 +25,8 @@ from loguru import logger
 
 from smapd.models import JobState
 from smapd.report import Report
-from smapd.spool import fsio, names
+from smapd.spool import chunks, fsio, names
+from smapd.spool.chunks import JobChunks
 from smapd.spool.claims import Claim, Claims
 from smapd.spool.finish import Finisher
 from smapd.spool.fsio import atomic_write
@@ -36,6 +37,8 @@ from smapd.spool.names import REPORT_SUFFIX
 from smapd.spool.nodes import Nodes
 from smapd.spool.sidecars import Sidecars
 from smapd.spool.stems import Stems
+
+PEER_SECONDS = 30.0  # a node whose heartbeat is older than this is not counted on to help
 
 __all__ = ["REPORT_SUFFIX", "Claim", "ScanResult", "Spool", "atomic_write", "names"]
 
@@ -250,6 +253,25 @@ class Spool:
     def repair(self) -> int:
         """Write the report of any failed/ entry a crash left without one; returns how many."""
         return self._finish.repair()
+
+    # --- chunk checkpoints and shared chunks (issue 10, DESIGN §1 inv. 10) -------------------------------
+
+    def job_chunks(self, job_id: str) -> JobChunks:
+        """The checkpoint folder of job ``job_id`` (see ``chunks``)."""
+        return JobChunks(self.layout, self._clock, job_id, self.node, self.lease_seconds)
+
+    def adopt_chunks(self, job_id: str, digest: str, fingerprint: str) -> bool:
+        """Give ``job_id`` the checkpoints a graceful stop left of the same bytes and options."""
+        return chunks.adopt(self.layout, job_id, digest, fingerprint, {c.job_id for c, _ in self._claims.scan()})
+
+    def chunk_offers(self, skip: set[str]) -> Iterator[tuple[str, int]]:
+        """``(job id, chunk)`` of every chunk other nodes offer, jobs in ``skip`` left out."""
+        return chunks.offers(self.layout, skip)
+
+    def live_peers(self, within: float = PEER_SECONDS) -> list[str]:
+        """Other nodes whose heartbeat is fresh and that are not stopping (they could help)."""
+        return [n["node"] for n in self._nodes.read_nodes() if n.get("node") != self.node
+                and not n.get("stopping") and n.get("age", within + 1) <= within]
 
     # --- nodes, status, pruning -------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -159,8 +160,13 @@ class Finisher:
             raise ClaimLost(f"job {claim.job_id} was taken over before its original could be archived")
         self.claims.sidecars.settle(claim.job_id, dest)
         self.claims.forget(claim.job_id, claim.profile)
+        self._drop_chunks(claim.job_id)
         self.leases.drop(claim.key)
         return dest
+
+    def _drop_chunks(self, job_id: str) -> None:
+        """The job's checkpoints go once it is published or failed for good (never to outbox/)."""
+        shutil.rmtree(self.layout.chunks / job_id, ignore_errors=True)
 
     def _to_failed(self, src: Path, name: str, job_id: str, report: Report, unique: bool = False,
                    profile: str | None = None) -> Path | None:
@@ -179,4 +185,5 @@ class Finisher:
         self.claims.sidecars.settle(job_id, dest)
         fsio.atomic_write(self.layout.report_of(dest), data, self.layout.tmp)
         self.claims.forget(job_id, profile)
+        self._drop_chunks(job_id)
         return dest

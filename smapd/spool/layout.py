@@ -4,7 +4,8 @@
   the clock probe; ``jobs/<job>.*``: the name sidecar (``name.json``), one record per attempt
   (``a<n>.json``), the lease (``lease``) and the failure report stash (``failed-<x>.json``);
   ``stems/<stem>``: output-stem reservations of jobs in flight (content: the job id);
-  ``jobs/<job>.sidecar<suffix>``: a claimed file's sidecar (its per-file options, issue 11).
+  ``jobs/<job>.sidecar<suffix>``: a claimed file's sidecar (its per-file options, issue 11);
+  ``chunks/<job>/``: the job's chunk checkpoints and shared chunks (issue 10, ``spool.chunks``).
 - Profiles (DESIGN §1 inv. 11): each state dir and outbox/ mirror a profile as ``<dir>/<profile>/``,
   and stems are reserved per outbox folder (``stems/<profile>/<stem>``); ``.smapd/`` is shared
   (job ids are unique across profiles). Mirroring keeps every name and rule of §1 unchanged inside
@@ -27,7 +28,8 @@ class Layout:
         self.root = Path(root)
         self.outbox = self.root / "outbox"
         self.meta = self.root / ".smapd"
-        self.tmp, self.nodes, self.jobs, self.stems = (self.meta / d for d in ("tmp", "nodes", "jobs", "stems"))
+        self.tmp, self.nodes, self.jobs, self.stems, self.chunks = (
+            self.meta / d for d in ("tmp", "nodes", "jobs", "stems", "chunks"))
 
     def dir(self, state: JobState, profile: str | None = None) -> Path:
         """The directory of a state: inbox/, processing/, archive/ or failed/ (or its profile folder)."""
@@ -40,7 +42,8 @@ class Layout:
 
     def ensure(self, profiles: tuple[str, ...] = ()) -> None:
         """Create the directories that are missing (and every profile's folders)."""
-        for d in (*(self.dir(s) for s in JobState), self.outbox, self.tmp, self.nodes, self.jobs, self.stems):
+        for d in (*(self.dir(s) for s in JobState), self.outbox, self.tmp, self.nodes, self.jobs, self.stems,
+                  self.chunks):
             d.mkdir(parents=True, exist_ok=True)
         for p in profiles:
             for d in (*(self.dir(s, p) for s in JobState), self.outbox_dir(p), self.stems / p):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from typing import Any
 
@@ -89,6 +90,10 @@ class Nodes:
             with fsio.quiet():
                 if now - os.lstat(p).st_mtime > DAY:
                     p.unlink()
+        for p in (self.layout.chunks.iterdir() if self.layout.chunks.is_dir() else ()):  # checkpoints of a file handed back and never claimed again
+            with fsio.quiet():
+                if p.name not in live and now - os.lstat(p / "job.json").st_mtime > DAY:
+                    shutil.rmtree(p, ignore_errors=True)
         if retention_days <= 0:
             return 0
         for _, e in self._listing(JobState.ARCHIVE):

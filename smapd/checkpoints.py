@@ -1,0 +1,141 @@
+"""A claimed job's chunk checkpoints and shared chunks, as the pipeline sees them (issue 10).
+
+``SpoolCheckpoints`` implements ``pipeline.Checkpoints`` over the job's folder in the spool
+(``smapd.spool.chunks``): it turns chunks and results into their JSON records, decides which
+chunks to make here and which are another node's, and says who made each one. Checkpoints make a
+job cheaper to resume; they never decide whether it succeeds: a checkpoint that cannot be written
+(disk full, a read-only mount) is logged once and the job goes on without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from loguru import logger
+
+from smapd.models import Chunk, ChunkResult, ChunkStatus
+from smapd.results import chunk_from_dict, chunk_to_dict, result_from_dict, result_to_dict
+from smapd.spool.chunks import HELPER, OWNER, JobChunks
+
+
+def fingerprint(options: dict[str, Any]) -> str:
+    """What a chunk's text depends on besides its audio (model, decoding options, chunking)."""
+    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class SpoolCheckpoints:
+    """One attempt's view of its job's checkpoints.
+
+    Args:
+        board: The job's folder in the spool.
+        attempt: This claim's attempt (its ``taken/`` entries are ``a<attempt>``).
+        share: Offer the chunks of long files to other nodes (SMAPD_SHARE_CHUNKS).
+        min_chunks: Only files of at least this many chunks are offered (SMAPD_SHARE_MIN_CHUNKS).
+        peers: How many other nodes could help now.
+    """
+
+    def __init__(self, board: JobChunks, *, attempt: int, share: bool, min_chunks: int,
+                 peers: Callable[[], int]) -> None:
+        self.board, self.attempt = board, attempt
+        self._share, self._min_chunks, self._peers = share, min_chunks, peers
+        self._held: set[int] = set()  # chunks this attempt makes
+        self._redone: set[int] = set()  # ... that a node which died had started
+        self._broken = False
+
+    def _failed(self, what: str, e: OSError) -> None:
+        if not self._broken:
+            logger.warning("job {}: cannot {} in {} ({}); going on without checkpoints", self.board.job_id, what,
+                           self.board.dir, e.strerror or e)
+        self._broken = True
+
+    # --- pipeline.Checkpoints --------------------------------------------------------------------------
+
+    def saved_plan(self) -> list[Chunk] | None:
+        try:
+            plan = self.board.plan()
+            return [chunk_from_dict(c) for c in plan] if plan else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def saved(self) -> dict[int, ChunkResult]:
+        out = {}
+        for index, data in self.board.results().items():
+            try:
+                out[index] = dataclasses.replace(result_from_dict(data), resumed=True)
+            except (KeyError, TypeError, ValueError):
+                logger.warning("job {}: checkpoint of chunk {} is unreadable; making it again", self.board.job_id,
+                               index)
+        return out
+
+    def planned(self, chunks: list[Chunk]) -> None:
+        try:
+            self.board.save_plan([chunk_to_dict(c) for c in chunks])
+        except OSError as e:
+            self._failed("save the chunk plan", e)
+
+    def share(self, duration: float, chunk_seconds: float) -> bool:
+        return self._share and not self._broken and duration >= self._min_chunks * chunk_seconds \
+            and self._peers() > 0
+
+    def offer(self, chunk: Chunk, window: np.ndarray, speech: tuple) -> None:
+        i = chunk.index
+        if self._broken or i in self.board.offered() or self._live_helper(i, self.board.clock.now()):
+            return
+        try:
+            self.board.offer(i, {"chunk": chunk_to_dict(chunk), "speech": [list(s) for s in speech]}, window)
+        except OSError as e:
+            self._failed("offer chunks to other nodes", e)
+
+    def take(self, chunk: Chunk) -> bool:
+        i = chunk.index
+        if i in self._held:
+            return True  # a retry of a chunk we hold
+        try:
+            if self.board.take(i, OWNER, self.attempt) is None:
+                if self.board.result(i) is not None or self._live_helper(i, self.board.clock.now()):
+                    return False
+                self.board.mark(i, self.attempt)
+        except OSError as e:
+            self._failed("take a chunk", e)
+        if any(not self._ours(t) for t in self.board.takers(i)):
+            self._redone.add(i)
+        self._held.add(i)
+        return True
+
+    def save(self, result: ChunkResult) -> ChunkResult:
+        result = dataclasses.replace(result, made_by={"node": self.board.node, "attempt": self.attempt,
+                                                      "helper": False},
+                                     redone=result.chunk.index in self._redone)
+        if result.status is ChunkStatus.OK and not self._broken:
+            try:
+                self.board.save(result.chunk.index, result_to_dict(result))
+            except OSError as e:
+                self._failed("save a checkpoint", e)
+        return result
+
+    def arrived(self, pending: set[int]) -> tuple[list[ChunkResult], list[int]]:
+        came, redo = [], []
+        now = self.board.clock.now()
+        for i in sorted(pending):
+            data = self.board.result(i)
+            if data is not None:
+                try:
+                    came.append(result_from_dict(data))
+                    continue
+                except (KeyError, TypeError, ValueError):
+                    pass
+            if not self._live_helper(i, now):
+                redo.append(i)  # its helper died, stopped or gave up: make it here
+        return came, redo
+
+    # --- helpers ----------------------------------------------------------------------------------------
+
+    def _ours(self, t: Any) -> bool:
+        return t.kind == OWNER and t.n == self.attempt and t.node == self.board.node
+
+    def _live_helper(self, index: int, now: float) -> bool:
+        return any(t.kind == HELPER and self.board.live(t, now) for t in self.board.takers(index))
