@@ -135,7 +135,7 @@ class Daemon:
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="smapd-job")
         self.pool: Pool = c.make_pool()
         self.helper = Helper(self.spool, self.pool, c.model_label, self.executor, self.wake.set) \
-            if s.share_chunks else None  # issue 10: idle slots make other nodes' offered chunks
+            if s.share_chunks and s.checkpoints else None  # issue 10: idle slots make other nodes' offered chunks
         self.dispatch = Dispatcher(self.spool, self.pool, self._run_job, self.executor, s.max_concurrent_jobs,
                                    self.wake, self.helper)
         self.events = JobEvents(s, self.spool)  # the completion hook and the metrics file (issue 11)

@@ -54,7 +54,8 @@ class JobConfig:
     max_file_bytes: int
     worker_max_chunks: int = 0
     worker_max_rss_mb: int = 0
-    share_chunks: bool = False  # issue 10: offer long files' chunks to other nodes (SMAPD_SHARE_CHUNKS)
+    checkpoints: bool = False  # issue 10: keep finished chunks in the spool (SMAPD_CHECKPOINTS)
+    share_chunks: bool = False  # ... and offer long files' chunks to other nodes (SMAPD_SHARE_CHUNKS)
     share_min_chunks: int = 6
     model_label: str = ""
     plan_reason: str = ""
@@ -238,7 +239,8 @@ def reloadable(s: Settings) -> dict[str, Any]:
                                              language_mode=s.language_mode),
         "formats": s.format_list, "words": s.word_timestamps, "chunk_timeout": s.chunk_timeout_seconds,
         "chunk_retries": s.chunk_retries, "max_file_bytes": s.max_file_bytes, "defaults": profiles.defaults(s),
-        "share_chunks": s.share_chunks, "share_min_chunks": s.share_min_chunks,
+        "checkpoints": s.checkpoints, "share_chunks": s.share_chunks and s.checkpoints,
+        "share_min_chunks": s.share_min_chunks,
     }
 
 
@@ -324,8 +326,9 @@ def run_claim(claim: Claim, spool: Spool, pool: Pool, config: JobConfig, *, node
     else:
         job = dataclasses.replace(job, options=config.options)
         result = execute(claim.path, pool, config, job=job, display_name=claim.original_name, key=claim.job_id,
-                         on_progress=on_progress, checkpoints=lambda digest: claim_checkpoints(claim, spool, config,
-                                                                                               node, digest))
+                         on_progress=on_progress,
+                         checkpoints=(lambda digest: claim_checkpoints(claim, spool, config, node, digest))
+                         if config.checkpoints else None)
     if lost.is_set():
         log.warning("{}: claim lost to another node during the job; publishing nothing", claim.original_name)
         return "lost"

@@ -99,7 +99,9 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = 60.0
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
-    # issue 10: offer the chunks of long files to idle nodes of the spool, and help theirs
+    # issue 10: keep each finished chunk in the spool (a takeover resumes); offer the chunks of long
+    # files to idle nodes of the spool, and help theirs
+    checkpoints: bool = True
     share_chunks: bool = True
     share_min_chunks: int = 6
 

@@ -59,6 +59,10 @@ def render_text(state: dict[str, Any]) -> str:
         stale = "  STALE (lease expired)" if c.get("stale") else ""
         lines.append(f"  {_where(c)}  node {c['node']}  attempt {c['attempt']}  {chunks}  "
                      f"lease age {_age(c.get('age'))}{stale}")
+        helpers = sorted((str(n.get("node")), h["chunk"]) for n in state.get("nodes", [])
+                         for h in n.get("helping", []) if h.get("job_id") == c["job_id"])
+        if helpers:  # issue 10: other nodes making this job's chunks
+            lines.append("    chunks made by other nodes now: " + ", ".join(f"{n} (chunk {i})" for n, i in helpers))
     failures = state.get("failures", [])
     lines.append(f"recent failures: {len(failures)}")
     for f in failures[:10]:
@@ -68,8 +72,11 @@ def render_text(state: dict[str, Any]) -> str:
     for n in nodes:
         jobs = len(n.get("jobs", []))
         tag = "  (stopping)" if n.get("stopping") else ""
+        helping = n.get("helping", [])
+        helps = "  helping " + ", ".join(f"{h.get('owner')} with chunk {h.get('chunk')} of {h.get('name')}"
+                                         for h in helping) if helping else ""
         lines.append(f"  {n.get('node')}  last heartbeat {_age(n.get('age'))} ago  {jobs} job(s)  "
-                     f"{n.get('completed', 0)} done  {n.get('failed', 0)} failed{tag}")
+                     f"{n.get('completed', 0)} done  {n.get('failed', 0)} failed{tag}{helps}")
     return "\n".join(lines)
 
 
