@@ -267,7 +267,8 @@ class Daemon:
             "workers": self.config.workers, "busy_workers": self.pool.busy(), "stopping": bool(self.stops),
             "completed": d.completed, "failed": d.failed, "jobs": self._jobs(),
             "helping": self.helper.active() if self.helper is not None else [],
-            "chunks_helped": self.helper.made if self.helper is not None else 0,
+            "helped": {"chunks": self.helper.made, "audio_seconds": round(self.helper.audio_seconds, 1),
+                       "bytes_read": self.helper.bytes_read} if self.helper is not None else None,
         })
 
     def _write_metrics(self) -> None:

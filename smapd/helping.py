@@ -32,6 +32,7 @@ from smapd.spool.chunks import HELPER, JobChunks
 from smapd.worker import TranscribeRequest
 
 LOOK_SECONDS = 2.0  # how often an idle node lists the offered chunks
+VOTE_CHUNKS = 8  # a helped chunk's language prior: the vote of the chunks just before it
 
 
 @dataclass
@@ -60,7 +61,9 @@ class Helper:
     def __init__(self, spool: Spool, pool: Pool, model: str, executor: Executor, wake: Callable[[], None]) -> None:
         self.spool, self.pool, self.model, self.executor, self.wake = spool, pool, model, executor, wake
         self.helping: dict[tuple[str, int], Help] = {}
-        self.made = 0  # chunks made for other nodes since start (metrics, status)
+        self.made = 0  # chunks made for other nodes since start (status, bench)
+        self.audio_seconds = 0.0  # ... their audio seconds
+        self.bytes_read = 0  # ... and the bytes read from the spool for them
         self._lock = threading.Lock()
         self._looked = 0.0
         self._stopping = False
@@ -102,8 +105,9 @@ class Helper:
             known = {f.name for f in dataclasses.fields(pipeline.PipelineOptions)}
             options = pipeline.PipelineOptions(**{k: v for k, v in record.get("decode", {}).items() if k in known})
             forced = None if options.language == "auto" else options.language
-            done = []
-            for data in board.results().values():
+            done = []  # the language vote of the chunks before this one (a few: the bytes read stay small)
+            for data in board.results(set(range(chunk.index - VOTE_CHUNKS, chunk.index)) if forced is None
+                                      else set()).values():
                 try:
                     done.append(result_from_dict(data))
                 except (KeyError, TypeError, ValueError):
@@ -122,6 +126,7 @@ class Helper:
             result = dataclasses.replace(result, made_by={"node": self.spool.node, "attempt": None, "helper": True})
             board.save(chunk.index, result_to_dict(result))
             self.made += 1
+            self.audio_seconds += sum(b - a for a, b in chunk.spans)
             log.info("[{}] Completed in {:.1f}s: {} chars (chunk of {} for {})", chunk.index, result.seconds,
                      result.chars, h.name, h.owner)
         except CancelledError:  # this node is stopping: offer it again rather than make the owner wait a lease
@@ -131,6 +136,7 @@ class Helper:
         finally:
             with self._lock:
                 self.helping.pop((h.job_id, h.index), None)
+                self.bytes_read += board.bytes_read
             self.wake()
 
     def refresh(self) -> None:

@@ -75,6 +75,7 @@ class JobChunks:
     def __init__(self, layout: Layout, clock: Clock, job_id: str, node: str, lease_seconds: float) -> None:
         self.layout, self.clock, self.job_id, self.node = layout, clock, job_id, node
         self.lease_seconds = lease_seconds
+        self.bytes_read = 0  # what this view read from the spool (a helper's share, issue 10)
         self.dir = layout.chunks / job_id
         self.done_dir, self.todo_dir, self.taken_dir, self.audio_dir = (
             self.dir / d for d in ("done", "todo", "taken", "audio"))
@@ -85,7 +86,7 @@ class JobChunks:
         return (self.dir / "job.json").exists()
 
     def job(self) -> dict[str, Any] | None:
-        return _read_json(self.dir / "job.json")
+        return self._read(self.dir / "job.json")
 
     def begin(self, record: dict[str, Any]) -> None:
         """Create the folder and write ``job.json`` (a new fingerprint starts afresh: old results go)."""
@@ -97,22 +98,23 @@ class JobChunks:
         fsio.atomic_write(self.dir / "job.json", fsio.json_bytes(record), self.layout.tmp)
 
     def plan(self) -> list[dict[str, Any]] | None:
-        data = _read_json(self.dir / "plan.json")
+        data = self._read(self.dir / "plan.json")
         return data.get("chunks") if isinstance(data, dict) else None
 
     def save_plan(self, chunks: list[dict[str, Any]]) -> None:
         fsio.atomic_write(self.dir / "plan.json", fsio.json_bytes({"chunks": chunks}), self.layout.tmp)
 
-    def results(self) -> dict[int, dict[str, Any]]:
-        """Every checkpointed chunk, by index."""
+    def results(self, only: set[int] | None = None) -> dict[int, dict[str, Any]]:
+        """Every checkpointed chunk (or those of ``only``), by index."""
         out = {}
         for p in _listdir(self.done_dir):
-            if p.name.endswith(".json") and p.name[:-5].isdigit() and (data := _read_json(p)) is not None:
+            if p.name.endswith(".json") and p.name[:-5].isdigit() and (only is None or int(p.name[:-5]) in only) \
+                    and (data := self._read(p)) is not None:
                 out[int(p.name[:-5])] = data
         return out
 
     def result(self, index: int) -> dict[str, Any] | None:
-        return _read_json(self.done_dir / f"{index}.json")
+        return self._read(self.done_dir / f"{index}.json")
 
     def save(self, index: int, result: dict[str, Any]) -> None:
         """Checkpoint one chunk (fsynced; the folder's other names need no sync of their own)."""
@@ -174,11 +176,21 @@ class JobChunks:
         Raises:
             OSError: It is gone (the job ended) or unreadable.
         """
-        return np.frombuffer((self.audio_dir / f"{index}.pcm").read_bytes(), dtype="<i2")
+        data = (self.audio_dir / f"{index}.pcm").read_bytes()
+        self.bytes_read += len(data)
+        return np.frombuffer(data, dtype="<i2")
 
     def offer_of(self, taken: Path) -> dict[str, Any] | None:
         """The record of an offered chunk this node took (``offer``'s ``record``)."""
-        return _read_json(taken)
+        return self._read(taken)
+
+    def _read(self, p: Path) -> Any:
+        try:
+            data = p.read_bytes()
+            self.bytes_read += len(data)
+            return json.loads(data)
+        except (OSError, ValueError):
+            return None
 
 
 def adopt(layout: Layout, job_id: str, digest: str, fingerprint: str, live: set[str]) -> bool:
