@@ -21,6 +21,8 @@ from smapd.models import Chunk, ChunkResult, ChunkStatus
 from smapd.results import chunk_from_dict, chunk_to_dict, result_from_dict, result_to_dict
 from smapd.spool.chunks import HELPER, OWNER, JobChunks
 
+OFFERED_PER_PEER = 3  # chunks kept on offer per other live node: enough for its idle slots to take at once
+
 
 def fingerprint(options: dict[str, Any]) -> str:
     """What a chunk's text depends on besides its audio (model, decoding options, chunking)."""
@@ -81,9 +83,13 @@ class SpoolCheckpoints:
         return self._share and not self._broken and duration >= self._min_chunks * chunk_seconds \
             and self._peers() > 0
 
+    def room(self) -> int:
+        return 0 if self._broken else max(0, OFFERED_PER_PEER * max(1, self._peers()) - len(self.board.offered()))
+
     def offer(self, chunk: Chunk, window: np.ndarray, speech: tuple) -> None:
         i = chunk.index
-        if self._broken or i in self.board.offered() or self._live_helper(i, self.board.clock.now()):
+        if self._broken or i in self._held or i in self.board.offered() or self.board.takers(i) \
+                or self.board.result(i) is not None:
             return
         try:
             self.board.offer(i, {"chunk": chunk_to_dict(chunk), "speech": [list(s) for s in speech]}, window)

@@ -152,6 +152,7 @@ class Daemon:
             self.wake.wait(0.2)
         booted.result()  # ConfigError: the model does not load
         self.spool.repair()  # reports a crash left unwritten in failed/
+        self._publish_heartbeat()  # other nodes see this one (and may offer it chunks) from the start
         self.watcher = InboxWatcher(self.spool.inbox, self._hint, mode=self.settings.watch)
         self.watcher.start()
         self.scheduler = self._start_scheduler()

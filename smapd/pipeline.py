@@ -147,9 +147,13 @@ class Checkpoints(Protocol):
     def share(self, duration: float, chunk_seconds: float) -> bool:
         """Whether this job's chunks are offered to other nodes."""
 
+    def room(self) -> int:
+        """How many more chunks to offer now (a few per helping node are kept on offer)."""
+
     def offer(self, chunk: Chunk, window: np.ndarray, speech: tuple) -> None:
-        """Offer ``chunk`` to other nodes: ``window`` is its int16 samples, ``speech`` its speech spans
-        in window time (what a helper hands its engine, exactly as this node would)."""
+        """Offer ``chunk`` to other nodes unless it is made or being made: ``window`` is its int16
+        samples, ``speech`` its speech spans in window time (what a helper hands its engine, exactly
+        as this node would)."""
 
     def take(self, chunk: Chunk) -> bool:
         """A slot of ours is about to make ``chunk``: False when another node has it."""
@@ -177,6 +181,9 @@ class NoCheckpoints:
     def share(self, duration: float, chunk_seconds: float) -> bool:
         return False
 
+    def room(self) -> int:
+        return 0
+
     def offer(self, chunk: Chunk, window: np.ndarray, speech: tuple) -> None:
         pass
 
@@ -191,6 +198,8 @@ class NoCheckpoints:
 
 
 POLL_SECONDS = 1.0  # how often an owner looks for the chunks other nodes make
+OWN_AHEAD = 2  # the first chunks not yet started are the owner's next: never offered
+SHARE_RECHECK_SECONDS = 10.0  # how often a long job that no node could help asks again
 
 
 def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = None, key: str | None = None,
@@ -248,7 +257,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
                         duration=decoded.info.duration))
 
     saved, plan = store.saved(), store.saved_plan()
-    sharing = store.share(decoded.info.duration, options.chunk_seconds)
+    sharing = [store.share(decoded.info.duration, options.chunk_seconds), time.monotonic()]  # and when asked
     results: dict[int, ChunkResult] = {}
     arrivals: queue.SimpleQueue[tuple[Chunk, ChunkResult | None]] = queue.SimpleQueue()
 
@@ -261,6 +270,30 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
             languages.add(result)  # at once: the chunks that start next have it as their prior
         return result
 
+    unoffered: list[Chunk] = []  # sharing: chunks not offered yet (the last ones go first)
+    topped = [0.0]
+
+    def top_up() -> None:
+        """Keep a few chunks on offer (``store.room``), so only what helpers make is written for them."""
+        while unoffered and unoffered[0].index in results:  # made by now: nobody needs it offered
+            unoffered.pop(0)
+        now = time.monotonic()
+        if len(unoffered) <= OWN_AHEAD or now - topped[0] < POLL_SECONDS:
+            return
+        topped[0] = now
+        if not sharing[0]:  # no other node was up when the job started: look again now and then
+            if now - sharing[1] < SHARE_RECHECK_SECONDS:
+                return
+            sharing[:] = [store.share(decoded.info.duration, options.chunk_seconds), now]
+            if not sharing[0]:
+                return
+            log.info("{}: another node is up; offering the chunks not started yet", job)
+        for _ in range(store.room()):
+            if len(unoffered) <= OWN_AHEAD:
+                break
+            chunk = unoffered.pop()
+            store.offer(chunk, *_window(chunk, lambda a, b: decoded.samples[int(a * audio.RATE):int(b * audio.RATE)]))
+
     t1 = time.monotonic()
     for chunk in plan if plan is not None else _plan(decoded, options):
         if not chunks:
@@ -271,15 +304,15 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
             results[chunk.index] = kept  # made before: by an earlier attempt or another node
             languages.add(kept)
             continue
-        if sharing:
-            store.offer(chunk, *_window(chunk, lambda a, b: decoded.samples[int(a * audio.RATE):int(b * audio.RATE)]))
         submit(chunk)
+        unoffered.append(chunk)
+        top_up()
     if plan is None:
         store.planned(chunks)
     timings["chunk_seconds"] = round(time.monotonic() - t1, 3)  # VAD and cutting, overlapped with decoding
     speech = round(sum(_speech_seconds(c) for c in chunks), 3)
     log.info("{}: {:.1f} s of audio, {:.1f} s of speech in {} chunks{}", job, decoded.info.duration, speech,
-             len(chunks), ", offered to other nodes" if sharing else "")
+             len(chunks), ", offered to other nodes" if sharing[0] else "")
     if results:
         makers = sorted({_maker(r) for r in results.values()})
         log.info("{}: resumed {} of {} chunks from checkpoints (made by {})", job, len(results), len(chunks),
@@ -297,12 +330,14 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     try:
         while len(results) < len(chunks):
             try:
-                item: tuple[Chunk, ChunkResult | None] | None = arrivals.get(timeout=POLL_SECONDS if pending else None)
+                item: tuple[Chunk, ChunkResult | None] | None = arrivals.get(
+                    timeout=POLL_SECONDS if pending or len(unoffered) > OWN_AHEAD else None)
             except queue.Empty:
                 item = None
             if item is not None and item[1] is None:
                 pending.add(item[0].index)
             got = [store.save(item[1])] if item is not None and item[1] is not None else []
+            top_up()
             if pending:
                 came, redo = store.arrived(pending)
                 got += came
