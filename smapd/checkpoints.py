@@ -4,13 +4,15 @@
 (``smapd.spool.chunks``): it turns chunks and results into their JSON records, decides which
 chunks to make here and which are another node's, and says who made each one. Checkpoints make a
 job cheaper to resume; they never decide whether it succeeds: a checkpoint that cannot be written
-(disk full, a read-only mount) is logged once and the job goes on without it.
+(disk full, a read-only mount) is logged once and the job goes on without checkpoints, trying again
+after RETRY_SECONDS.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,7 @@ from smapd.models import Chunk, ChunkResult, ChunkStatus
 from smapd.results import chunk_from_dict, chunk_to_dict, result_from_dict, result_to_dict
 from smapd.spool.chunks import HELPER, OWNER, JobChunks
 
+RETRY_SECONDS = 30.0  # after a failed write, how long to go without checkpoints before trying again
 OFFERED_PER_PEER = 3  # chunks kept on offer per other live node: enough for its idle slots to take at once
 
 
@@ -46,13 +49,25 @@ class SpoolCheckpoints:
         self._share, self._min_chunks, self._peers = share, min_chunks, peers
         self._held: set[int] = set()  # chunks this attempt makes
         self._redone: set[int] = set()  # ... that a node which died had started
-        self._broken = False
+        self._failed_at: float | None = None  # the last write that failed (a full disk, a read-only mount)
+
+    @property
+    def _broken(self) -> bool:
+        """A write failed lately: write nothing for RETRY_SECONDS (each try would fail again)."""
+        return self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_SECONDS
 
     def _failed(self, what: str, e: OSError) -> None:
-        if not self._broken:
-            logger.warning("job {}: cannot {} in {} ({}); going on without checkpoints", self.board.job_id, what,
-                           self.board.dir, e.strerror or e)
-        self._broken = True
+        if isinstance(e, FileNotFoundError) and not self.board.dir.exists():
+            logger.debug("job {}: its checkpoints are gone (the job ended elsewhere)", self.board.job_id)
+        elif self._failed_at is None:
+            logger.warning("job {}: cannot {} in {} ({}); going on without checkpoints, trying again every {:.0f} s",
+                           self.board.job_id, what, self.board.dir, e.strerror or e, RETRY_SECONDS)
+        self._failed_at = time.monotonic()
+
+    def _wrote(self) -> None:
+        if self._failed_at is not None:
+            logger.info("job {}: checkpoints are written again", self.board.job_id)
+            self._failed_at = None
 
     # --- pipeline.Checkpoints --------------------------------------------------------------------------
 
@@ -119,6 +134,7 @@ class SpoolCheckpoints:
         if result.status is ChunkStatus.OK and not self._broken:
             try:
                 self.board.save(result.chunk.index, result_to_dict(result))
+                self._wrote()
             except OSError as e:
                 self._failed("save a checkpoint", e)
         return result

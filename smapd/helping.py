@@ -131,8 +131,10 @@ class Helper:
                      result.chars, h.name, h.owner)
         except CancelledError:  # this node is stopping: offer it again rather than make the owner wait a lease
             board.reoffer_taken(h.taken, h.index)
-        except (OSError, KeyError, TypeError, ValueError) as e:  # the job ended meanwhile (its folder is gone)
-            log.info("chunk {} of {}: not helped ({})", h.index, h.name, getattr(e, "strerror", None) or e)
+        except (OSError, KeyError, TypeError, ValueError) as e:  # the job ended (its folder is gone), a full disk
+            log.info("chunk {} of {}: not helped ({}); leaving it to {}", h.index, h.name,
+                     getattr(e, "strerror", None) or e, h.owner)
+            h.taken.unlink(missing_ok=True)  # the owner makes it now, not after a lease
         finally:
             with self._lock:
                 self.helping.pop((h.job_id, h.index), None)

@@ -29,7 +29,7 @@ def result_to_dict(r: ChunkResult) -> dict[str, Any]:
             "error": r.error, "worker": r.worker, "cpu_seconds": r.cpu_seconds,
             "language": list(r.language) if r.language else None,
             "signals": dataclasses.asdict(r.signals) if r.signals else None, "rss_mb": r.rss_mb,
-            "made_by": dict(r.made_by) if r.made_by else None}
+            "made_by": dict(r.made_by) if r.made_by else None, "redone": r.redone}
 
 
 def result_from_dict(d: dict[str, Any]) -> ChunkResult:
@@ -44,4 +44,4 @@ def result_from_dict(d: dict[str, Any]) -> ChunkResult:
         error=d.get("error"), worker=d.get("worker"), cpu_seconds=float(d.get("cpu_seconds") or 0.0),
         language=(str(language[0]), float(language[1])) if language else None,
         signals=DecodeSignals(**d["signals"]) if d.get("signals") else None, rss_mb=float(d.get("rss_mb") or 0.0),
-        made_by=d.get("made_by"))
+        made_by=d.get("made_by"), redone=bool(d.get("redone")))

@@ -4,6 +4,8 @@ pool (the real workers, daemons and signals are in tests/test_checkpoints.py).
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 import time
 from concurrent.futures import Future
@@ -11,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
-from smapd import pipeline
+from smapd import checkpoints, pipeline
 from smapd.checkpoints import SpoolCheckpoints
 from smapd.models import Chunk, ChunkResult, ChunkStatus, DecodeSignals, Segment, Word
 from smapd.results import result_from_dict, result_to_dict
@@ -42,9 +45,32 @@ def owner(sp: Spool, job: str = "job000000001", attempt: int = 1, share: bool = 
 
 
 def test_a_result_survives_its_json_round_trip() -> None:
-    r = ok(CHUNK)
+    r = dataclasses.replace(ok(CHUNK), made_by={"node": "a", "attempt": 2, "helper": False}, redone=True)
     back = result_from_dict(result_to_dict(r))
     assert back == r and back.chunk.spans == CHUNK.spans and back.signals == r.signals
+    assert back.made_by == r.made_by and back.redone, "a chunk redone by attempt 2 stays redone when resumed"
+
+
+def test_a_failed_write_pauses_checkpoints_and_they_come_back(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    a, _ = spools(tmp_path)
+    mine = owner(a)
+    real = mine.board.save
+    calls: list[int] = []
+
+    def full(index: int, data: dict) -> None:
+        calls.append(index)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(index, data)
+    monkeypatch.setattr(mine.board, "save", full)
+    monkeypatch.setattr(checkpoints, "RETRY_SECONDS", 0.2)
+    mine.save(ok(Chunk(1, 0.0, 30.0)))  # the disk is full: no checkpoint, the job goes on
+    mine.save(ok(Chunk(2, 30.0, 60.0)))  # not tried: it would fail again at once
+    assert calls == [1] and not mine.share(600.0, 30.0)
+    time.sleep(0.3)
+    mine.save(ok(Chunk(3, 60.0, 90.0)))
+    assert calls == [1, 3] and sorted(a.job_chunks("job000000001").results()) == [3]
 
 
 def test_one_taker_wins_an_offered_chunk_and_the_owner_waits_for_a_live_helper(tmp_path: Path) -> None:

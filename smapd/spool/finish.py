@@ -66,6 +66,9 @@ class Finisher:
             fsio.publish(outbox, stem, files, report.to_json(), self.layout.tmp)
         except OSError as e:
             raise TransientJobError(f"could not publish {stem} into {outbox}: {e.strerror or e}") from e
+        # Published: a node that takes the claim over from here on only archives it (finish_published),
+        # so the checkpoints go now, before the archive rename (a crash between them leaves none).
+        self._drop_chunks(claim.job_id)
         return self._archive(claim)
 
     def published_report(self, claim: Claim) -> Path | None:
