@@ -3,8 +3,14 @@
 hostile files while a driver does harm at random moments; then every DESIGN.md §1 invariant is
 checked and one summary line is printed.
 
-    python bench/chaos.py                      # 300 files, 3 nodes, a random seed (printed)
-    python bench/chaos.py --seed 1234 --files 40 --minutes 4
+    python bench/chaos.py                      # 300 files (3 of them big), 3 nodes, a random seed (printed)
+    python bench/chaos.py --seed 1234 --files 40 --big 1 --minutes 4
+
+Big files (``--big``, issue 10): recordings of 200-230 s joined from the speech clips, dropped at
+spread-out moments among the small ones. They are long enough to be shared (SMAPD_SHARE_MIN_CHUNKS
+chunks of 30 s): the owner offers their chunks and idle nodes help. After each one the feeder drops
+nothing for up to ``--lull`` seconds while it is in flight, since a node helps only when inbox/ has
+nothing for it.
 
 Faults, one at a time, at random moments while files are being dropped:
 
@@ -25,7 +31,12 @@ failed/ with a report naming the reason.
 
 Kill and stop faults are aimed at a node that holds claims at that moment where one does; with
 ``--require kill,stop`` the faults go on (while files remain) until each of those kinds has hit
-such a node at least once.
+such a node at least once. While a big job is in flight they are aimed at it: the first fault after
+it begins (and most later ones) hits its owner (the node its claim in processing/ names) or one of
+its helpers (a node with a ``taken/<i>.h<pid>.<hex(node)>`` entry in ``.smapd/chunks/<job>/`` whose
+chunk has no ``done/<i>.json`` yet); with ``--require-shared kill,stop`` each of those kinds must
+hit an owner or helper of a shared job mid-job. Disk-full and read-only-outbox faults count as
+hitting a shared job when one is in flight.
 
 Checks at the end (DESIGN.md §1, testkit.invariants): every dropped name is in exactly one of
 inbox/, processing/, archive/, failed/ (inv. 1; at the end: archive/ or failed/); exactly one report
@@ -35,8 +46,22 @@ comes from the last claim of its job that the run saw in processing/ and its ori
 once, so a stopped node whose claims were taken over published nothing, not even over the new
 owner's outputs (inv. 6, from the spool, not the logs); no report with more attempts than
 SMAPD_MAX_ATTEMPTS (inv. 7); good files transcribed (success, non-empty .txt) and each of them
-published that way; hostile files failed with the expected reason (inv. 9). Exit status 0 only if
-all hold and the required fault kinds hit nodes holding claims.
+published that way; hostile files failed with the expected reason (inv. 9); every published
+report has a result for every chunk, indexes 1..n, each chunk ok or a failed chunk marked as a gap
+in the outputs, totals that count what the chunks say (inv. 10); every big file published once,
+success, every chunk ok; ``.smapd/chunks/`` empty at the end (no checkpoint left behind for a
+finished job) and no checkpoint in outbox/. Exit status 0 only if all hold and the required fault
+kinds hit their targets.
+
+The last line is the summary::
+
+    files 300 · transcribed 288 · failed-as-expected 12 · lost 0 · duplicated 0 · orphaned claims 0 ·
+    faults 30 · max recovery 22 s · throughput 0.78 files/s · chunks redone 4 · resumed jobs 3
+
+(one line; ``chunks redone``: the sum of ``totals.chunks_redone`` over the published reports,
+``resumed jobs``: the published reports with ``totals.chunks_resumed`` > 0). The line before it
+says how the big files went: chunks helped, resumed and redone, and the faults that hit an owner
+or a helper of a shared job mid-job.
 
 The speech comes from ``--speech DIR``, else $TESTKIT_SPEECH_DIR, else shared/data/speech next to
 the checkout (or a folder above it), else tests/data.
@@ -465,9 +490,11 @@ def harm(run: Run) -> None:
         targets = fresh or targets
         helpers = [n for n in targets if any(r == "helper" for r, _ in roles[n.name])]
         aimed = False
-        if targets and len(live) >= 2 and (fresh or unmet_shared(run) or unmet(run) or rng.random() < 0.6):
-            kind = rng.choice([k for k in unmet_shared(run) + unmet(run) if k in ("kill", "stop")]
-                              or ["kill", "stop"])
+        owed = [k for k in unmet_shared(run) + unmet(run) if k in ("kill", "stop")]
+        if targets and len(live) >= 2 and (fresh or owed or rng.random() < 0.6):
+            # a disk-full or read-only-outbox fault aimed at a shared job hits its checkpoints,
+            # offers and helpers' results, or its publishing
+            kind = rng.choice(owed) if owed else rng.choices(kinds[:2] + kinds[3:], weights[:2] + weights[3:])[0]
             aimed = True
         elif unmet(run) and holders and len(live) >= 2:
             kind = rng.choice(unmet(run))  # a required kind has not yet hit a node holding claims
@@ -485,8 +512,9 @@ def harm(run: Run) -> None:
         f.inflight = tuple(run.sp.claims_of(f.node))  # recovery: until all of these are finished
         if kind in ("full", "ro"):
             f.shared = tuple(("during", name) for name in sorted({n for rs in roles.values() for _, n in rs}))
-        if aimed and node is not None:
-            run.aimed.update(name for _, name in roles.get(node.name, ()))
+        if aimed:
+            run.aimed.update(name for n, rs in roles.items() for _, name in rs
+                             if kind in ("full", "ro") or (node is not None and n == node.name))
         run.faults.append(f)
         run.faulting.set()
         try:
@@ -500,7 +528,7 @@ def harm(run: Run) -> None:
             f"fault {len(run.faults)}: {kind}{' on ' + f.node if f.node else ''} "
             f"({f.ended - f.started:.1f} s, {len(f.inflight)} file(s) in flight"
             f"{f', {len(f.held)} claim(s) held by the node' if f.kind in ('kill', 'stop') else ''}"
-            f"{''.join(f', {r} of {n}' for r, n in f.shared)})"
+            f"{''.join(f', {r} {n}' if r == 'during' else f', {r} of {n}' for r, n in f.shared)})"
         )
         run.aim.clear()
         if run.aim.wait(rng.uniform(a.gap_min, a.gap_max)):  # a shared job began: harm it mid-job
