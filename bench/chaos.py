@@ -300,7 +300,8 @@ class Run:
                     if helper is None or (board / "done" / f"{helper[0]}.json").exists():
                         continue
                     node, pid = helper[1], helper[2]
-                    if pids.get(node) == pid:
+                    if pids.get(node) == pid and fresh(board / "taken" / entry, self.args.lease) \
+                            and ("helper", c.original) not in roles.get(node, []):
                         roles.setdefault(node, []).append(("helper", c.original))
         return roles
 
@@ -324,6 +325,16 @@ def parse_taken(entry: str) -> tuple[int, str, int] | None:
     except ValueError:
         return None
     return int(parts[0]), node, int(parts[1][1:])
+
+
+def fresh(path: Path, lease: float) -> bool:
+    """Whether a helper's ``taken/`` entry is within its lease: one it left behind when it could not
+    write the chunk's checkpoint (a full disk) is stale, and the owner makes that chunk once it is."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return time.time() - max(st.st_mtime, st.st_ctime) <= lease
 
 
 def feed(run: Run, pieces: list[Path], bigs: list[Path], stage: Path) -> None:

@@ -216,6 +216,7 @@ def chunk_problems(report: dict[str, Any], sp: SpoolView | None = None) -> list[
     wrong = {k: (totals.get(k), v) for k, v in counted.items() if k in totals and totals[k] != v}
     if wrong:
         out.append(f"totals disagree with the chunks (total, counted): {wrong}")
+    out += _makers(report)
     if gaps and sp is not None:
         outputs = report.get("outputs") or {}
         for suffix, marked in ((".txt", _txt_gaps), (".json", _json_gaps)):
@@ -227,6 +228,27 @@ def chunk_problems(report: dict[str, Any], sp: SpoolView | None = None) -> list[
                 unmarked = [c.get("index") for c in gaps if c.get("index") not in found]
                 if unmarked:
                     out.append(f"failed chunks {unmarked[:8]} are not marked as gaps in {outputs[suffix]}")
+    return out
+
+
+def _makers(report: dict[str, Any]) -> list[str]:
+    """Who made each chunk agrees with ``resumed`` (issue 10): a chunk taken from a checkpoint was made by
+    an earlier attempt or a helper, never by the attempt that publishes; one not taken from a checkpoint
+    was made by that attempt or arrived from a helper while it ran; no attempt later than the job's."""
+    job = report.get("job") or {}
+    me = (job.get("node"), job.get("attempt"))
+    out = []
+    for c in report.get("chunks") or []:
+        m = c.get("made_by")
+        if not m or c.get("status") != "ok" or me[1] is None:
+            continue  # outside the daemon (smapd transcribe), or a gap: nobody made it
+        ours = not m.get("helper") and (m.get("node"), m.get("attempt")) == me
+        if not m.get("helper") and (m.get("attempt") or 0) > me[1]:
+            out.append(f"chunk {c.get('index')} made by attempt {m.get('attempt')}, later than the job's {me[1]}")
+        elif c.get("resumed") and ours:
+            out.append(f"chunk {c.get('index')} is resumed, but the publishing attempt made it ({m})")
+        elif not c.get("resumed") and not m.get("helper") and not ours:
+            out.append(f"chunk {c.get('index')} is not resumed, but another attempt made it ({m})")
     return out
 
 

@@ -164,6 +164,10 @@ def test_chunk_checks_pass_a_job_with_a_marked_gap(tmp_path: Path) -> None:
     ("a gap not marked in the .txt", [_chunk(1), _chunk(2, "failed")], "partial", "w\n", "not marked as gaps"),
     ("a failed chunk in a success", [_chunk(1), _chunk(2, "failed")], "success",
      "[untranscribed 30.0-60.0 s: chunk 2: x]\n", "outcome success with 1 failed"),
+    ("a chunk resumed that its own attempt made", [_chunk(1), _chunk(2, resumed=True)], "success", "w\n",
+     "is resumed, but the publishing attempt made it"),
+    ("a chunk of an earlier attempt not resumed", [_chunk(1, made_by={"node": "n2", "attempt": 0, "helper": False})],
+     "success", "w\n", "is not resumed, but another attempt made it"),
     ("a chunk neither ok nor failed", [_chunk(1), _chunk(2, "running")], "partial",
      "[untranscribed 30.0-60.0 s: chunk 2: x]\n", "neither ok nor a failed chunk"),
 ])
