@@ -35,8 +35,9 @@ such a node at least once. While a big job is in flight they are aimed at it: th
 it begins (and most later ones) hits its owner (the node its claim in processing/ names) or one of
 its helpers (a node with a ``taken/<i>.h<pid>.<hex(node)>`` entry in ``.smapd/chunks/<job>/`` whose
 chunk has no ``done/<i>.json`` yet); with ``--require-shared kill,stop`` each of those kinds must
-hit an owner or helper of a shared job mid-job. Disk-full and read-only-outbox faults count as
-hitting a shared job when one is in flight.
+hit an owner or helper of a shared job mid-job. A fault aimed at a shared job may also be a full
+disk or a read-only outbox/ (its checkpoints, offers, helpers' results and publishing fail); those
+count as hitting a shared job when one is in flight.
 
 Checks at the end (DESIGN.md §1, testkit.invariants): every dropped name is in exactly one of
 inbox/, processing/, archive/, failed/ (inv. 1; at the end: archive/ or failed/); exactly one report
@@ -90,6 +91,7 @@ from pathlib import Path
 import numpy as np
 
 import testkit as tk
+from smapd.spool.chunks import HELPER, parse_taken
 from testkit import Node, Seen, SpoolView
 
 GOOD_FORMATS = ("wav", "wav44st", "flac", "ogg", "opus", "mp3", "m4a", "flac-as-wav")
@@ -269,7 +271,7 @@ class Run:
     ro_mounted: bool = False
     faulting: threading.Event = field(default_factory=threading.Event)  # a fault is being done
     aim: threading.Event = field(default_factory=threading.Event)  # a big job no fault has aimed at began
-    aimed: set[str] = field(default_factory=set)  # the big files a kill or stop was aimed at
+    aimed: set[str] = field(default_factory=set)  # the big files a fault was aimed at
     fill: Path | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -296,13 +298,12 @@ class Run:
                 roles.setdefault(c.node, []).append(("owner", c.original))
             with contextlib.suppress(OSError):
                 for entry in os.listdir(board / "taken"):
-                    helper = parse_taken(entry)
-                    if helper is None or (board / "done" / f"{helper[0]}.json").exists():
+                    t = parse_taken(board / "taken" / entry)  # the spool's own parser: one format
+                    if t is None or t.kind != HELPER or (board / "done" / f"{t.index}.json").exists():
                         continue
-                    node, pid = helper[1], helper[2]
-                    if pids.get(node) == pid and fresh(board / "taken" / entry, self.args.lease) \
-                            and ("helper", c.original) not in roles.get(node, []):
-                        roles.setdefault(node, []).append(("helper", c.original))
+                    if pids.get(t.node) == t.n and fresh(t.path, self.args.lease) \
+                            and ("helper", c.original) not in roles.get(t.node, []):
+                        roles.setdefault(t.node, []).append(("helper", c.original))
         return roles
 
     def note_claims(self) -> None:
@@ -312,19 +313,6 @@ class Run:
             last = self.seen.get(c.job)
             if c.attempt is not None and c.node is not None and (last is None or c.attempt > last.attempt):
                 self.seen[c.job] = Seen(c.attempt, c.node, now)
-
-
-def parse_taken(entry: str) -> tuple[int, str, int] | None:
-    """``(chunk, node, pid)`` of a helper's ``taken/<i>.h<pid>.<hex(node)>`` entry (smapd.spool.chunks);
-    None for an owner's entry (``a<attempt>``) or another name."""
-    parts = entry.split(".")
-    if len(parts) != 3 or not parts[0].isdigit() or parts[1][:1] != "h" or not parts[1][1:].isdigit():
-        return None
-    try:
-        node = bytes.fromhex(parts[2]).decode("utf-8", "surrogateescape")
-    except ValueError:
-        return None
-    return int(parts[0]), node, int(parts[1][1:])
 
 
 def fresh(path: Path, lease: float) -> bool:
