@@ -3,8 +3,14 @@
 hostile files while a driver does harm at random moments; then every DESIGN.md §1 invariant is
 checked and one summary line is printed.
 
-    python bench/chaos.py                      # 300 files, 3 nodes, a random seed (printed)
-    python bench/chaos.py --seed 1234 --files 40 --minutes 4
+    python bench/chaos.py                      # 300 files (3 of them big), 3 nodes, a random seed (printed)
+    python bench/chaos.py --seed 1234 --files 40 --big 1 --minutes 4
+
+Big files (``--big``, issue 10): recordings of 200-230 s joined from the speech clips, dropped at
+spread-out moments among the small ones. They are long enough to be shared (SMAPD_SHARE_MIN_CHUNKS
+chunks of 30 s): the owner offers their chunks and idle nodes help. After each one the feeder drops
+nothing for up to ``--lull`` seconds while it is in flight, since a node helps only when inbox/ has
+nothing for it.
 
 Faults, one at a time, at random moments while files are being dropped:
 
@@ -25,7 +31,13 @@ failed/ with a report naming the reason.
 
 Kill and stop faults are aimed at a node that holds claims at that moment where one does; with
 ``--require kill,stop`` the faults go on (while files remain) until each of those kinds has hit
-such a node at least once.
+such a node at least once. While a big job is in flight they are aimed at it: the first fault after
+it begins (and most later ones) hits its owner (the node its claim in processing/ names) or one of
+its helpers (a node with a ``taken/<i>.h<pid>.<hex(node)>`` entry in ``.smapd/chunks/<job>/`` whose
+chunk has no ``done/<i>.json`` yet); with ``--require-shared kill,stop`` each of those kinds must
+hit an owner or helper of a shared job mid-job. A fault aimed at a shared job may also be a full
+disk or a read-only outbox/ (its checkpoints, offers, helpers' results and publishing fail); those
+count as hitting a shared job when one is in flight.
 
 Checks at the end (DESIGN.md §1, testkit.invariants): every dropped name is in exactly one of
 inbox/, processing/, archive/, failed/ (inv. 1; at the end: archive/ or failed/); exactly one report
@@ -35,8 +47,22 @@ comes from the last claim of its job that the run saw in processing/ and its ori
 once, so a stopped node whose claims were taken over published nothing, not even over the new
 owner's outputs (inv. 6, from the spool, not the logs); no report with more attempts than
 SMAPD_MAX_ATTEMPTS (inv. 7); good files transcribed (success, non-empty .txt) and each of them
-published that way; hostile files failed with the expected reason (inv. 9). Exit status 0 only if
-all hold and the required fault kinds hit nodes holding claims.
+published that way; hostile files failed with the expected reason (inv. 9); every published
+report has a result for every chunk, indexes 1..n, each chunk ok or a failed chunk marked as a gap
+in the outputs, totals that count what the chunks say (inv. 10); every big file published once,
+success, every chunk ok; ``.smapd/chunks/`` empty at the end (no checkpoint left behind for a
+finished job) and no checkpoint in outbox/. Exit status 0 only if all hold and the required fault
+kinds hit their targets.
+
+The last line is the summary::
+
+    files 300 · transcribed 288 · failed-as-expected 12 · lost 0 · duplicated 0 · orphaned claims 0 ·
+    faults 30 · max recovery 22 s · throughput 0.78 files/s · chunks redone 4 · resumed jobs 3
+
+(one line; ``chunks redone``: the sum of ``totals.chunks_redone`` over the published reports,
+``resumed jobs``: the published reports with ``totals.chunks_resumed`` > 0). The line before it
+says how the big files went: chunks helped, resumed and redone, and the faults that hit an owner
+or a helper of a shared job mid-job.
 
 The speech comes from ``--speech DIR``, else $TESTKIT_SPEECH_DIR, else shared/data/speech next to
 the checkout (or a folder above it), else tests/data.
@@ -65,6 +91,7 @@ from pathlib import Path
 import numpy as np
 
 import testkit as tk
+from smapd.spool.chunks import HELPER, parse_taken
 from testkit import Node, Seen, SpoolView
 
 GOOD_FORMATS = ("wav", "wav44st", "flac", "ogg", "opus", "mp3", "m4a", "flac-as-wav")
@@ -86,6 +113,7 @@ class Drop:
     good: bool
     fragment: str = ""  # what the failed report's error must contain (hostile)
     piece: int = -1  # which cut piece of speech (good files)
+    big: bool = False  # a recording of a few minutes: its chunks are shared (issue 10)
     dropped_at: float = 0.0
     done_at: float | None = None
 
@@ -114,6 +142,18 @@ def make_pieces(rng: random.Random, work: Path, count: int, d: Path) -> list[Pat
             )
         )
     return pieces
+
+
+def make_big(rng: random.Random, work: Path, k: int, d: Path) -> Path:
+    """Big file ``k``: a recording of 200-230 s (at least SMAPD_SHARE_MIN_CHUNKS=6 chunks of 30 s, so
+    it is shared) joined from a random half of the short English clips in ``d``, in an order and with
+    pauses of its own seed; FLAC or WAV."""
+    short = {r["file"] for r in tk.read_manifest(d / "manifest.tsv") if float(r["seconds"] or 0) <= 20}
+    clips = [(p, t) for p, t in tk.manifest_clips("en", d) if p.exists() and p.name in short]
+    chosen = rng.sample(clips, max(1, len(clips) // 2))
+    wav = work / f"big{k}.wav"
+    tk.make_longform(chosen, wav, seed=rng.randrange(10**6), target_seconds=rng.uniform(200, 230))
+    return wav if k % 2 else tk.encode_audio(wav, work / f"big{k}.flac", "flac")
 
 
 def voiced_fraction(pcm: np.ndarray, window: float = 0.05) -> float:
@@ -210,6 +250,9 @@ class Fault:
     inflight: tuple[str, ...] = ()
     held: tuple[str, ...] = ()  # kill/stop: the claims its node held the moment the signal went
     recovered_at: float | None = None
+    # kill/stop: what its node was to the shared (big) jobs in flight the moment the signal went,
+    # ("owner", name) or ("helper", name); full/ro: ("during", name) for each big job in flight
+    shared: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -226,6 +269,9 @@ class Run:
     stop_all: threading.Event = field(default_factory=threading.Event)
     notes: list[str] = field(default_factory=list)
     ro_mounted: bool = False
+    faulting: threading.Event = field(default_factory=threading.Event)  # a fault is being done
+    aim: threading.Event = field(default_factory=threading.Event)  # a big job no fault has aimed at began
+    aimed: set[str] = field(default_factory=set)  # the big files a fault was aimed at
     fill: Path | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -234,6 +280,31 @@ class Run:
     @property
     def sp(self) -> SpoolView:
         return SpoolView(self.spool, self.nodes)
+
+    def shared_roles(self) -> dict[str, list[tuple[str, str]]]:
+        """Node name -> what it is to each big job in flight now: ``("owner", name)`` (its claim in
+        processing/ names the node, and the job's checkpoint folder exists: the job has begun) or
+        ``("helper", name)`` (a ``taken/<i>.h<pid>.<hex(node)>`` entry of that node's current life
+        whose chunk has no ``done/<i>.json`` yet)."""
+        roles: dict[str, list[tuple[str, str]]] = {}
+        pids = {n.name: n.pid for n in self.nodes if n.alive()}
+        chunks = self.spool / ".smapd" / "chunks"
+        for c in self.sp.claim_names():
+            d = self.drops.get(c.original)
+            if d is None or not d.big or c.node is None:
+                continue
+            board = chunks / c.job
+            if (board / "job.json").exists():
+                roles.setdefault(c.node, []).append(("owner", c.original))
+            with contextlib.suppress(OSError):
+                for entry in os.listdir(board / "taken"):
+                    t = parse_taken(board / "taken" / entry)  # the spool's own parser: one format
+                    if t is None or t.kind != HELPER or (board / "done" / f"{t.index}.json").exists():
+                        continue
+                    if pids.get(t.node) == t.n and fresh(t.path, self.args.lease) \
+                            and ("helper", c.original) not in roles.get(t.node, []):
+                        roles.setdefault(t.node, []).append(("helper", c.original))
+        return roles
 
     def note_claims(self) -> None:
         """Record each job's latest claim in processing/ (what inv. 6 is judged against at the end)."""
@@ -244,10 +315,20 @@ class Run:
                 self.seen[c.job] = Seen(c.attempt, c.node, now)
 
 
-def feed(run: Run, pieces: list[Path], stage: Path) -> None:
+def fresh(path: Path, lease: float) -> bool:
+    """Whether a helper's ``taken/`` entry is within its lease: one it left behind when it could not
+    write the chunk's checkpoint (a full disk) is stale, and the owner makes that chunk once it is."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return time.time() - max(st.st_mtime, st.st_ctime) <= lease
+
+
+def feed(run: Run, pieces: list[Path], bigs: list[Path], stage: Path) -> None:
     """Drop the inputs in random bursts, keeping a backlog so faults hit files in flight."""
     try:
-        _feed(run, pieces, stage)
+        _feed(run, pieces, bigs, stage)
     except Exception as e:
         run.errors.append(f"feeder crashed: {e!r}")
         raise
@@ -255,13 +336,15 @@ def feed(run: Run, pieces: list[Path], stage: Path) -> None:
         run.feeding_done.set()
 
 
-def _feed(run: Run, pieces: list[Path], stage: Path) -> None:
+def _feed(run: Run, pieces: list[Path], bigs: list[Path], stage: Path) -> None:
     rng = random.Random(run.rng.random())
     n = run.args.files
     n_hostile = max(len(HOSTILE), round(n * run.args.hostile)) if n >= 20 else min(len(HOSTILE), n // 4)
     kinds = [("hostile", k) for k in (list(HOSTILE) * n)[:n_hostile]]
-    kinds += [("good", GOOD_FORMATS[i % len(GOOD_FORMATS)]) for i in range(n - len(kinds))]
+    kinds += [("good", GOOD_FORMATS[i % len(GOOD_FORMATS)]) for i in range(n - len(kinds) - len(bigs))]
     rng.shuffle(kinds)
+    for k in range(len(bigs)):  # spread out over the first four fifths (the last one waits for faults)
+        kinds.insert(round((k + 1) * 0.8 * n / (len(bigs) + 1)), ("big", str(k)))
     inbox = run.spool / "inbox"
     for i, (what, kind) in enumerate(kinds):
         if run.stop_all.is_set():
@@ -278,6 +361,17 @@ def _feed(run: Run, pieces: list[Path], stage: Path) -> None:
         stem = f"c{i:04d}-{kind}"
         piece_no = rng.randrange(len(pieces))
         piece = pieces[piece_no]
+        if what == "big":
+            until = time.monotonic() + 30  # drop it between faults, so that the next one can aim at it
+            while run.faulting.is_set() and time.monotonic() < until and not run.stop_all.is_set():
+                time.sleep(0.2)
+            src = bigs[int(kind)]
+            d = Drop(f"c{i:04d}-big{kind}{src.suffix}", "big", True, big=True)
+            _retry_enospc(run, lambda src=src, d=d: _drop_file(run, src, d, in_place=False))
+            d.dropped_at = time.monotonic()
+            run.drops[d.name] = d
+            lull(run, d)
+            continue
         if what == "hostile":
             suffix, fragment = HOSTILE[kind]
             d = Drop(stem + suffix, kind, False, fragment)
@@ -290,6 +384,14 @@ def _feed(run: Run, pieces: list[Path], stage: Path) -> None:
         d.dropped_at = time.monotonic()
         run.drops[d.name] = d
         time.sleep(rng.expovariate(1.0 / run.args.drop_gap) if rng.random() < 0.7 else 0.0)
+
+
+def lull(run: Run, d: Drop) -> None:
+    """Drop nothing more while the big file ``d`` is in flight (up to ``--lull`` s): a node helps
+    other nodes' jobs only when inbox/ has nothing for it, so without a pause no chunk is shared."""
+    until = time.monotonic() + run.args.lull
+    while not run.stop_all.is_set() and time.monotonic() < until and d.done_at is None:
+        time.sleep(0.2)
 
 
 def _retry_enospc(run: Run, fn) -> None:
@@ -346,6 +448,8 @@ def monitor(run: Run) -> None:
     """Stamp each input's finishing time and each fault's recovery time; record the claims seen."""
     while not run.stop_all.is_set():
         run.note_claims()
+        if any(name not in run.aimed for rs in run.shared_roles().values() for _, name in rs):
+            run.aim.set()  # harm: a shared job began that no fault has aimed at yet
         done = run.sp.finished()
         now = time.monotonic()
         for name in done:
@@ -376,35 +480,63 @@ def harm(run: Run) -> None:
         kind = rng.choices(kinds, weights)[0]
         live = [n for n in run.nodes if n.alive() and not n.stopped]
         holders = [n for n in live if run.sp.claims_of(n.name)]
-        if unmet(run) and holders and len(live) >= 2:
+        roles = run.shared_roles()
+        # the owners and helpers of the shared jobs in flight (the first fault of each such job is
+        # aimed at it); helpers first half the time (their chunks take seconds, the owner's job
+        # a minute: without a preference they are rarely hit)
+        targets = [n for n in live if n.name in roles]
+        fresh = [n for n in targets if any(name not in run.aimed for _, name in roles[n.name])]
+        targets = fresh or targets
+        helpers = [n for n in targets if any(r == "helper" for r, _ in roles[n.name])]
+        aimed = False
+        owed = [k for k in unmet_shared(run) + unmet(run) if k in ("kill", "stop")]
+        if targets and len(live) >= 2 and (fresh or owed or rng.random() < 0.6):
+            # a disk-full or read-only-outbox fault aimed at a shared job hits its checkpoints,
+            # offers and helpers' results, or its publishing
+            kind = rng.choice(owed) if owed else rng.choices(kinds[:2] + kinds[3:], weights[:2] + weights[3:])[0]
+            aimed = True
+        elif unmet(run) and holders and len(live) >= 2:
             kind = rng.choice(unmet(run))  # a required kind has not yet hit a node holding claims
         if kind in ("kill", "stop", "worker") and len(live) < 2:
             kind = "full" if run.mounted else "worker"
         node = rng.choice(live) if live else None
-        if kind in ("kill", "stop") and holders:
+        if kind in ("kill", "stop") and aimed:
+            node = rng.choice(helpers if helpers and rng.random() < 0.5 else targets)
+        elif kind in ("kill", "stop") and holders:
             node = rng.choice(holders)  # harm where it costs: a node in the middle of a job
         if kind == "worker":
             busy = [n for n in live if n.workers()]
             node = rng.choice(busy) if busy else node
         f = Fault(kind, node.name if node and kind in ("kill", "stop", "worker") else None, time.monotonic())
         f.inflight = tuple(run.sp.claims_of(f.node))  # recovery: until all of these are finished
+        if kind in ("full", "ro"):
+            f.shared = tuple(("during", name) for name in sorted({n for rs in roles.values() for _, n in rs}))
+        if aimed:
+            run.aimed.update(name for n, rs in roles.items() for _, name in rs
+                             if kind in ("full", "ro") or (node is not None and n == node.name))
         run.faults.append(f)
+        run.faulting.set()
         try:
             _do_fault(run, f, node, rng)
         except Exception as e:  # noqa: BLE001 - the driver reports, never dies half-way
             run.errors.append(f"fault {kind} failed to apply: {e!r}")
+        finally:
+            run.faulting.clear()
         f.ended = time.monotonic()
         log(
             f"fault {len(run.faults)}: {kind}{' on ' + f.node if f.node else ''} "
             f"({f.ended - f.started:.1f} s, {len(f.inflight)} file(s) in flight"
-            f"{f', {len(f.held)} claim(s) held by the node' if f.kind in ('kill', 'stop') else ''})"
+            f"{f', {len(f.held)} claim(s) held by the node' if f.kind in ('kill', 'stop') else ''}"
+            f"{''.join(f', {r} {n}' if r == 'during' else f', {r} of {n}' for r, n in f.shared)})"
         )
-        time.sleep(rng.uniform(a.gap_min, a.gap_max))
+        run.aim.clear()
+        if run.aim.wait(rng.uniform(a.gap_min, a.gap_max)):  # a shared job began: harm it mid-job
+            time.sleep(rng.uniform(0.5, 2.5))
 
 
 def faults_owed(run: Run) -> bool:
-    """Whether ``--min-faults`` or ``--require`` still asks for faults."""
-    return len(run.faults) < run.args.min_faults or bool(unmet(run))
+    """Whether ``--min-faults``, ``--require`` or ``--require-shared`` still asks for faults."""
+    return len(run.faults) < run.args.min_faults or bool(unmet(run)) or bool(unmet_shared(run))
 
 
 def unmet(run: Run) -> list[str]:
@@ -412,10 +544,21 @@ def unmet(run: Run) -> list[str]:
     return [k for k in run.args.require if not any(f.kind == k and f.held for f in run.faults)]
 
 
+def unmet_shared(run: Run) -> list[str]:
+    """The ``--require-shared`` kinds that have not yet hit an owner or helper of a shared job mid-job."""
+    return [k for k in run.args.require_shared if not any(f.kind == k and hit_shared(f) for f in run.faults)]
+
+
+def hit_shared(f: Fault) -> bool:
+    """Whether a kill or stop fault hit the owner or a helper of a shared job in the middle of it."""
+    return f.kind in ("kill", "stop") and any(r in ("owner", "helper") for r, _ in f.shared)
+
+
 def _do_fault(run: Run, f: Fault, node: Node | None, rng: random.Random) -> None:
     lease = run.args.lease
     if f.kind in ("kill", "stop") and node is not None:
         f.held = tuple(run.sp.claims_of(node.name))
+        f.shared = tuple(run.shared_roles().get(node.name, ()))  # read again: the moment the signal goes
     if f.kind == "kill":
         assert node is not None
         node.kill9()
@@ -502,12 +645,22 @@ def check(run: Run) -> dict:
     found = tk.check_spool(sp, list(run.drops), max_attempts=run.args.max_attempts, seen=run.seen)
     transcribed, published_once, failed_ok, takeovers = 0, 0, 0, 0
     good_failed, hostile_wrong = [], []
+    chunks: Counter[str] = Counter()  # over the published reports: chunks redone, helped, resumed; jobs resumed
+    big_ok, bigs = 0, []
     for name, d in run.drops.items():
         one = found.report(name)
+        if d.big:
+            ok, line = big_check(name, one, name in found.published_once)
+            big_ok += ok
+            bigs.append(line)
         if one is None:
             continue  # lost, or more than one report: check_spool said so
         where, r = one
         takeovers += where == "outbox" and ((r.get("job") or {}).get("attempt") or 0) > 1
+        if where == "outbox":
+            totals = r.get("totals") or {}
+            chunks.update({k: totals.get(f"chunks_{k}") or 0 for k in ("redone", "helped", "resumed")})
+            chunks["resumed jobs"] += (totals.get("chunks_resumed") or 0) > 0
         if d.good:
             if where == "outbox" and r["outcome"] == "success" and sp.text(r).strip():
                 transcribed += 1
@@ -530,6 +683,12 @@ def check(run: Run) -> dict:
     missing = unmet(run)
     if missing:
         problems.append(f"required faults never hit a node holding claims: {', '.join(missing)}")
+    if unmet_shared(run):
+        problems.append(f"required faults never hit an owner or helper of a shared job mid-job: "
+                        f"{', '.join(unmet_shared(run))}")
+    problems += [f"big file {line}" for line in bigs if not line.startswith("ok ")]
+    shared_hit = Counter(f"{f.kind} {r}" for f in run.faults if hit_shared(f) for r in {r for r, _ in f.shared})
+    shared_hit.update(f.kind for f in run.faults if hit_shared(f) or (f.kind in ("full", "ro") and f.shared))
     tracebacks = sum(n.log_text().count("Traceback") for n in run.nodes)
     return {
         "lost": found.lost,
@@ -545,7 +704,33 @@ def check(run: Run) -> dict:
         "takeovers": takeovers,
         "hit": hit,
         "tracebacks": tracebacks,
+        "chunks": chunks,
+        "bigs": bigs,
+        "big_ok": big_ok,
+        "shared_hit": shared_hit,
     }
+
+
+def big_check(name: str, one: tuple[str, dict] | None, once: bool) -> tuple[bool, str]:
+    """A big file: published once, success, every chunk ok (and of at least two chunks: it was cut).
+    Returns whether it holds and a line saying how it went (``ok ...`` when it holds)."""
+    if one is None:
+        return False, f"{name}: no single report"
+    where, r = one
+    cs = r.get("chunks") or []
+    totals = r.get("totals") or {}
+    makers = Counter(
+        f"{m.get('node')} " + ("helper" if m.get("helper") else f"a{m.get('attempt')}")
+        for c in cs if (m := c.get("made_by") or {})
+    )
+    how = (f"{name}: {where} {r.get('outcome')}, {(r.get('input') or {}).get('duration')} s, {len(cs)} chunks "
+           f"(helped {totals.get('chunks_helped')}, resumed {totals.get('chunks_resumed')}, redone "
+           f"{totals.get('chunks_redone')}; made by {', '.join(f'{k} {v}' for k, v in sorted(makers.items()))}), "
+           f"attempt {(r.get('job') or {}).get('attempt')}")
+    bad = [c.get("index") for c in cs if c.get("status") != "ok"]
+    if where != "outbox" or r.get("outcome") != "success" or bad or len(cs) < 2 or not once:
+        return False, f"{how}: not published once with every chunk ok (chunks not ok: {bad}, once: {once})"
+    return True, f"ok {how}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,6 +770,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda v: [k for k in v.split(",") if k],
         default=[],
         help="fault kinds (kill,stop) that must hit a node holding claims; faults go on until they have",
+    )
+    p.add_argument(
+        "--big",
+        type=int,
+        default=3,
+        help="big files (200-230 s, shared between nodes) among the --files, at spread-out moments (0: none)",
+    )
+    p.add_argument(
+        "--lull",
+        type=float,
+        default=45.0,
+        help="after a big file, drop nothing for up to this long while it is in flight (s): idle nodes help",
+    )
+    p.add_argument(
+        "--require-shared",
+        type=lambda v: [k for k in v.split(",") if k],
+        default=[],
+        help="fault kinds (kill,stop) that must hit the owner or a helper of a shared job in the middle of it",
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, spool copy)")
     return p.parse_args(argv)
@@ -636,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     print(
         f"chaos: seed {seed} (replay: python bench/chaos.py --seed {seed} --files {args.files} "
-        f"--nodes {args.nodes})",
+        f"--nodes {args.nodes} --big {args.big})",
         flush=True,
     )
     rng = random.Random(seed)
@@ -663,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         stage = root / "stage"
         stage.mkdir()
         pieces = make_pieces(rng, stage, max(8, min(60, args.files // 5)), tk.speech_dir(args.speech))
+        bigs = [make_big(rng, stage, k, tk.speech_dir(args.speech)) for k in range(min(args.big, args.files // 4))]
         for sub in ("inbox", "processing", "outbox", "archive", "failed"):
             (spool / sub).mkdir(exist_ok=True)
         env = node_env(args)
@@ -680,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = t0 + args.minutes * 60
         threads = [
             threading.Thread(target=fn, args=a, name=fn.__name__, daemon=True)
-            for fn, a in ((feed, (run, pieces, stage)), (monitor, (run,)), (harm, (run,)))
+            for fn, a in ((feed, (run, pieces, bigs, stage)), (monitor, (run,)), (harm, (run,)))
         ]
         for t in threads:
             t.start()
@@ -774,11 +978,23 @@ def main(argv: list[str] | None = None) -> int:
         f"kill {result['hit']['kill']}, stop {result['hit']['stop']}",
         flush=True,
     )
+    for line in result["bigs"]:
+        print(f"chaos: big file {line}", flush=True)
+    c, h = result["chunks"], result["shared_hit"]
+    print(
+        f"chaos: shared jobs: {result['big_ok']} of {len(result['bigs'])} big files published once with every "
+        f"chunk ok; chunks helped {c['helped']}, resumed {c['resumed']}, redone {c['redone']}; faults that hit "
+        f"an owner or helper of a shared job mid-job: kill {h['kill']} (owner {h['kill owner']}, helper "
+        f"{h['kill helper']}), stop {h['stop']} (owner {h['stop owner']}, helper {h['stop helper']}); "
+        f"during a shared job: disk full {h['full']}, read-only outbox {h['ro']}",
+        flush=True,
+    )
     summary = (
         f"files {len(run.drops)} · transcribed {result['transcribed']} · failed-as-expected {result['failed_ok']} · "
         f"lost {len(result['lost'])} · duplicated {len(result['duplicated'])} · "
         f"orphaned claims {len(result['orphaned'])} · faults {len(run.faults)} · "
         f"max recovery {max(recoveries, default=0):.0f} s · throughput {n_done / wall if wall > 0 else 0:.2f} files/s"
+        f" · chunks redone {c['redone']} · resumed jobs {c['resumed jobs']}"
     )
     print(summary, flush=True)
     bad = (

@@ -3,17 +3,25 @@
 ``check_spool`` reads the spool once and returns :class:`Findings`; ``Findings.problems`` is empty when
 every invariant holds. Mid-run (``final=False``) only what must hold at every instant is checked;
 at the end (``final=True``) also that everything finished and nothing was left behind.
+:func:`chunk_problems` is inv. 10 over one published report: a result for every chunk, or a marked gap.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from testkit.procs import wait_for
 from testkit.spoolview import REPORT_SUFFIX, SpoolView, input_name, is_ignored, parse_name
+
+# what a job's checkpoint folder (.smapd/chunks/<job>/) holds: job.json, plan.json, done/<i>.json,
+# todo/<i>, audio/<i>.pcm, taken/<i>.<who>.<node hex>; none of it may ever reach outbox/ (inv. 10)
+CHECKPOINT_NAME = re.compile(r"^(job\.json|plan\.json|\d+\.json|\d+\.pcm|\d+|\d+\.[ah]\d+\.[0-9a-f]+)$")
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,17 @@ def check_spool(sp: SpoolView, dropped: Iterable[str] | None = None, *, max_atte
         reserved = os.listdir(stems) if stems.is_dir() else []
         if reserved:
             f.problems.append(f"stem reservations left in .smapd/stems: {sorted(reserved)[:5]}")
+        chunks = sp.root / ".smapd" / "chunks"
+        kept: list[str] = []
+
+        def gone() -> bool:
+            kept[:] = os.listdir(chunks) if chunks.is_dir() else []
+            return not kept
+
+        # inv. 10: the folder goes when its job is published or failed, just after the original is
+        # archived: a node still running may be a moment (a loaded machine: a second) behind
+        if not wait_for(gone, 3.0, 0.1):
+            f.problems.append(f"checkpoint folders left in .smapd/chunks for finished jobs: {sorted(kept)[:5]}")
     return f
 
 
@@ -133,6 +152,7 @@ def _reports(f: Findings, sp: SpoolView, final: bool, foreign: Collection[str]) 
         by_name[input_name(report)].append((path.parent.name, report))
         if path.parent.name != "outbox":
             continue
+        f.problems += [f"{path.name}: {p}" for p in chunk_problems(report, sp)]
         listed.add(path.name)
         for out in (report.get("outputs") or {}).values():
             listed.add(out)
@@ -154,6 +174,99 @@ def _reports(f: Findings, sp: SpoolView, final: bool, foreign: Collection[str]) 
         stray = sorted(n for n in outbox if n not in listed and n not in foreign and not is_ignored(n))
         if stray:
             f.problems.append(f"outbox/ files no report lists: {stray[:5]}")
+        kept = sorted(n for n in outbox if (n not in listed and CHECKPOINT_NAME.match(n)) or _checkpoint_dir(sp.outbox / n))
+        if kept:  # inv. 10: checkpoints live in .smapd/chunks/, never in outbox/
+            f.problems.append(f"checkpoints in outbox/ (a record or a job's folder): {kept[:5]}")
+
+
+def _checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder with a job's checkpoint records (a profile's outbox/<profile>/ is not)."""
+    try:
+        return path.is_dir() and bool({"job.json", "plan.json", "done", "todo", "taken", "audio"} & set(os.listdir(path)))
+    except OSError:
+        return False
+
+
+def chunk_problems(report: dict[str, Any], sp: SpoolView | None = None) -> list[str]:
+    """Inv. 10 over one published report: its chunks are 1..n without holes or repeats, each one ``ok``
+    or a gap marked as one (an error, and its ``[untranscribed ... chunk <i>: ...]`` line in the .txt,
+    its entry under ``gaps`` in the .json, where ``sp`` has them), the outcome says whether there are
+    gaps, and the totals count what the chunks say.
+
+    Args:
+        report: a report from outbox/.
+        sp: the spool, to read the outputs the gaps must be marked in (None: the report alone).
+
+    Returns:
+        One line per problem; [] when the report holds.
+    """
+    chunks = report.get("chunks") or []
+    out = []
+    indexes = [c.get("index") for c in chunks]
+    if indexes != list(range(1, len(chunks) + 1)):
+        out.append(f"chunk indexes {indexes[:12]} are not 1..{len(chunks)}")
+    gaps = [c for c in chunks if c.get("status") != "ok"]
+    bad = [c.get("index") for c in gaps if c.get("status") != "failed" or not c.get("error")]
+    if bad:
+        out.append(f"chunks {bad[:8]} are neither ok nor a failed chunk with its error")
+    outcome = report.get("outcome")
+    if outcome == "success" and gaps:
+        out.append(f"outcome success with {len(gaps)} failed chunk(s)")
+    elif outcome == "partial" and (not gaps or len(gaps) == len(chunks)):
+        out.append(f"outcome partial with {len(gaps)} failed of {len(chunks)} chunks")
+    elif outcome not in ("success", "partial"):
+        out.append(f"outcome {outcome!r} in outbox/")
+    totals = report.get("totals") or {}
+    counted = {"chunks_ok": len(chunks) - len(gaps), "chunks_failed": len(gaps),
+               "chunks_resumed": sum(1 for c in chunks if c.get("resumed")),
+               "chunks_helped": sum(1 for c in chunks if (c.get("made_by") or {}).get("helper")),
+               "chunks_redone": sum(1 for c in chunks if c.get("redone"))}
+    wrong = {k: (totals.get(k), v) for k, v in counted.items() if k in totals and totals[k] != v}
+    if wrong:
+        out.append(f"totals disagree with the chunks (total, counted): {wrong}")
+    out += _makers(report)
+    if gaps and sp is not None:
+        outputs = report.get("outputs") or {}
+        for suffix, marked in ((".txt", _txt_gaps), (".json", _json_gaps)):
+            if suffix in outputs:
+                try:
+                    found = marked((sp.outbox / outputs[suffix]).read_bytes())
+                except (OSError, ValueError):
+                    continue  # a missing output is _reports' finding
+                unmarked = [c.get("index") for c in gaps if c.get("index") not in found]
+                if unmarked:
+                    out.append(f"failed chunks {unmarked[:8]} are not marked as gaps in {outputs[suffix]}")
+    return out
+
+
+def _makers(report: dict[str, Any]) -> list[str]:
+    """Who made each chunk agrees with ``resumed`` (issue 10): a chunk taken from a checkpoint was made by
+    an earlier attempt or a helper, never by the attempt that publishes; one not taken from a checkpoint
+    was made by that attempt or arrived from a helper while it ran; no attempt later than the job's."""
+    job = report.get("job") or {}
+    me = (job.get("node"), job.get("attempt"))
+    out = []
+    for c in report.get("chunks") or []:
+        m = c.get("made_by")
+        if not m or c.get("status") != "ok" or me[1] is None:
+            continue  # outside the daemon (smapd transcribe), or a gap: nobody made it
+        ours = not m.get("helper") and (m.get("node"), m.get("attempt")) == me
+        if not m.get("helper") and (m.get("attempt") or 0) > me[1]:
+            out.append(f"chunk {c.get('index')} made by attempt {m.get('attempt')}, later than the job's {me[1]}")
+        elif c.get("resumed") and ours:
+            out.append(f"chunk {c.get('index')} is resumed, but the publishing attempt made it ({m})")
+        elif not c.get("resumed") and not m.get("helper") and not ours:
+            out.append(f"chunk {c.get('index')} is not resumed, but another attempt made it ({m})")
+    return out
+
+
+def _txt_gaps(data: bytes) -> set[int]:
+    return {int(m) for m in re.findall(r"^\[untranscribed [^\]]*?: chunk (\d+):", data.decode("utf-8", "replace"),
+                                       re.MULTILINE)}
+
+
+def _json_gaps(data: bytes) -> set[int]:
+    return {int(g["chunk"]) for g in json.loads(data).get("gaps") or [] if isinstance(g.get("chunk"), int)}
 
 
 def _matched(f: Findings, drops: Counter[str]) -> None:
