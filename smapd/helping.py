@@ -31,7 +31,7 @@ from smapd.spool import Spool
 from smapd.spool.chunks import HELPER, JobChunks
 from smapd.worker import TranscribeRequest
 
-LOOK_SECONDS = 2.0  # how often an idle node lists the offered chunks
+LOOK_SECONDS = 1.0  # how often an idle node lists the offered chunks
 VOTE_CHUNKS = 8  # a helped chunk's language prior: the vote of the chunks just before it
 
 
@@ -139,6 +139,7 @@ class Helper:
             with self._lock:
                 self.helping.pop((h.job_id, h.index), None)
                 self.bytes_read += board.bytes_read
+            self._looked = 0.0  # a slot is free: look for the next offered chunk at once, not in LOOK_SECONDS
             self.wake()
 
     def refresh(self) -> None:
