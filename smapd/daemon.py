@@ -275,7 +275,8 @@ class Daemon:
     def _write_metrics(self) -> None:
         self.events.write_metrics(self._jobs(), busy=self.pool.busy(), total=self.config.workers,
                                   restarts=self.pool.restarts, timeouts=self.pool.timeouts,
-                                  takeovers=self.dispatch.takeovers)
+                                  takeovers=self.dispatch.takeovers,
+                                  helped=self.helper.made if self.helper is not None else 0)
 
     def _set_status(self) -> None:
         d = self.dispatch

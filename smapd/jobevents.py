@@ -57,7 +57,7 @@ class JobEvents:
         return self.hooks.sweep(live, self._dead, self._locate)
 
     def write_metrics(self, jobs: Iterable[Mapping[str, Any]], *, busy: int, total: int, restarts: int,
-                      timeouts: int, takeovers: int) -> None:
+                      timeouts: int, takeovers: int, helped: int = 0) -> None:
         """Set the gauges from the daemon's state and write the metrics file (atomically)."""
         if self.metrics_file is None:
             return
@@ -65,7 +65,7 @@ class JobEvents:
         self.metrics.set_state(waiting=self.spool.waiting_count(), oldest_age=self.spool.oldest_waiting_age(),
                                busy=busy, total=total, restarts=restarts, timeouts=timeouts,
                                takeovers=takeovers, hooks_ok=hooks_ok,
-                               hooks_failed=self.hooks.failed if self.hooks else 0, jobs=jobs)
+                               hooks_failed=self.hooks.failed if self.hooks else 0, jobs=jobs, helped=helped)
         self.metrics.write(self.metrics_file)
 
     def close(self) -> None:

@@ -57,6 +57,12 @@ class Metrics:
         for status in ("ok", "failed"):
             self.chunks.labels(node, status)
         self.audio.labels(node)
+        self.resumed = Counter("smapd_chunks_resumed", "Chunks of finished jobs taken from checkpoints (made by an "
+                               "earlier attempt or another node).", lbl, registry=r)
+        self.redone = Counter("smapd_chunks_redone", "Chunks of finished jobs made again because the node that "
+                              "had started them died.", lbl, registry=r)
+        self.resumed.labels(node)
+        self.redone.labels(node)
         self._jobs_shown: set[tuple[str, str]] = set()
 
     def job_finished(self, report: Mapping[str, Any]) -> None:
@@ -72,13 +78,16 @@ class Metrics:
             self.chunks.labels(n, "ok" if ok else "failed").inc()
             if ok and chunk.get("seconds") is not None:
                 self.chunk_seconds.labels(n).observe(float(chunk["seconds"]))
-        rtf = (report.get("totals") or {}).get("real_time_factor")
+        totals = report.get("totals") or {}
+        self.resumed.labels(n).inc(int(totals.get("chunks_resumed") or 0))
+        self.redone.labels(n).inc(int(totals.get("chunks_redone") or 0))
+        rtf = totals.get("real_time_factor")
         if rtf:
             self.rtf.labels(n).set(float(rtf))
 
     def set_state(self, *, waiting: int, oldest_age: float, busy: int, total: int, restarts: int,
                   timeouts: int, takeovers: int, hooks_ok: int, hooks_failed: int,
-                  jobs: Iterable[Mapping[str, Any]]) -> None:
+                  jobs: Iterable[Mapping[str, Any]], helped: int = 0) -> None:
         """The gauges, from the daemon's state this tick. ``jobs``: ``job_id``, ``name``, ``audio_done``,
         ``audio_total`` of each job in flight."""
         n = self.node
@@ -87,7 +96,7 @@ class Metrics:
         self.slots.labels(n, "busy").set(busy)
         self.slots.labels(n, "total").set(total)
         self.owned.values = {"restarts": restarts, "timeouts": timeouts, "takeovers": takeovers,
-                             "hooks_ok": hooks_ok, "hooks_failed": hooks_failed}
+                             "hooks_ok": hooks_ok, "hooks_failed": hooks_failed, "helped": helped}
         shown: set[tuple[str, str]] = set()
         for j in jobs:
             key = (str(j["job_id"]), str(j["name"]))
@@ -135,7 +144,10 @@ class _OwnedCounters(Collector):
                                     labels=["node", "result"])
         hooks.add_metric([self.node, "ok"], v.get("hooks_ok", 0))
         hooks.add_metric([self.node, "failed"], v.get("hooks_failed", 0))
-        yield from (restarts, timeouts, takeovers, hooks)
+        helped = CounterMetricFamily("smapd_chunks_helped", "Chunks of other nodes' jobs this node made since "
+                                     "start (shared chunks).", labels=["node"])
+        helped.add_metric(n, v.get("helped", 0))
+        yield from (restarts, timeouts, takeovers, hooks, helped)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -15,7 +15,7 @@ from testkit.prom import PROMTOOL, promtool_check, scrape_textfile
 REPORT = {"outcome": "success", "input": {"duration": 42.5},
           "chunks": [{"status": "ok", "seconds": 2.5}, {"status": "ok", "seconds": 3.5},
                      {"status": "failed", "seconds": 30.0}],
-          "totals": {"real_time_factor": 14.2}}
+          "totals": {"real_time_factor": 14.2, "chunks_resumed": 2, "chunks_redone": 1}}
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -28,7 +28,8 @@ def _node_metrics() -> Metrics:
     m.job_finished(REPORT)
     m.job_finished({"outcome": "failed", "input": {"duration": None}, "chunks": [], "totals": {}})
     m.set_state(waiting=4, oldest_age=12.0, busy=2, total=2, restarts=3, timeouts=1, takeovers=1, hooks_ok=1,
-                hooks_failed=0, jobs=[{"job_id": "0123456789ab", "name": 'say "hi"\n.wav', "audio_done": 30.0, "audio_total": 90.0}])
+                hooks_failed=0, jobs=[{"job_id": "0123456789ab", "name": 'say "hi"\n.wav', "audio_done": 30.0, "audio_total": 90.0}],
+                helped=5)
     return m
 
 
@@ -45,6 +46,8 @@ def test_node_metrics_values() -> None:
     assert s[("smapd_worker_slots", (*n, ("state", "busy")))] == 2
     assert s[("smapd_worker_restarts_total", n)] == 3 and s[("smapd_chunk_timeouts_total", n)] == 1
     assert s[("smapd_claims_taken_over_total", n)] == 1
+    assert s[("smapd_chunks_resumed_total", n)] == 2 and s[("smapd_chunks_redone_total", n)] == 1
+    assert s[("smapd_chunks_helped_total", n)] == 5
     assert s[("smapd_inbox_files", n)] == 4 and s[("smapd_inbox_oldest_age_seconds", n)] == 12
     assert s[("smapd_real_time_factor", n)] == 14.2
     job = (("job", "0123456789ab"), ("name", 'say "hi"\n.wav'), *n)
