@@ -338,6 +338,10 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
                 pending.add(item[0].index)
             got = [store.save(item[1])] if item is not None and item[1] is not None else []
             top_up()
+            if pending and getattr(pool, "closing", False):  # shutting down: stop waiting for other nodes
+                for index in sorted(pending):
+                    arrivals.put((by_index[index], _result(_cancelled_future(), by_index[index])))
+                pending.clear()
             if pending:
                 came, redo = store.arrived(pending)
                 got += came
@@ -399,6 +403,12 @@ def _plan(decoded: audio.Decoded, options: PipelineOptions) -> Iterable[Chunk]:
     if options.pack:
         return chunking.stream_chunks(decoded.samples, options.chunk_seconds)
     return chunking.silence_chunks(decoded.samples, options.chunk_seconds)
+
+
+def _cancelled_future() -> Future:
+    fut: Future = Future()
+    fut.cancel()
+    return fut
 
 
 def _result(fut: Future, chunk: Chunk) -> ChunkResult | None:

@@ -167,6 +167,9 @@ class Pool:
         """
         self.wait_ready()
         fut: Future = Future()
+        if self._closing:  # shut down: nothing will serve it
+            _cancel(fut)
+            return fut
         self._queue.put(_Task(job, request, fut, chunk=chunk, on_start=on_start))
         return fut
 
@@ -187,6 +190,11 @@ class Pool:
             ages = [now - t.started for t in self._running.values()]
         allowance = self.chunk_timeout + 60.0
         return max([a - allowance for a in ages if a > allowance], default=0.0)
+
+    @property
+    def closing(self) -> bool:
+        """The pool is shutting down: queued and new chunks are cancelled."""
+        return self._closing
 
     def busy(self) -> int:
         with self._lock:

@@ -181,3 +181,23 @@ def test_the_pipeline_resumes_from_checkpoints_and_gives_the_same_transcript(tmp
     second = pipeline.run(clip, again, options, checkpoints=owner(b, attempt=2, share=False))  # type: ignore[arg-type]
     assert again.made == [] and all(c.resumed for c in second.chunks)
     assert second.segments == first.segments and [c.chunk for c in second.chunks] == [c.chunk for c in first.chunks]
+
+
+def test_a_job_stops_waiting_for_other_nodes_when_the_pool_shuts_down(tmp_path: Path) -> None:
+    a, b = spools(tmp_path)
+    clip = DATA / "librispeech-121-127105-0000.flac"
+    options = pipeline.PipelineOptions(language="en", chunk_seconds=5.0)
+    first = pipeline.run(clip, Pool(), options, checkpoints=owner(a, share=False))  # type: ignore[arg-type]
+    helper = b.job_chunks("job000000002")
+    owner(a, job="job000000002")
+    for c in first.chunks:  # a live helper holds every chunk: the owner waits for it...
+        helper.offer(c.chunk.index, {"chunk": {}}, np.zeros(1, dtype=np.int16))
+        assert helper.take(c.chunk.index, HELPER, os.getpid()) is not None
+
+    class Closing(Pool):
+        closing = True  # ... until this node shuts down
+
+    t = time.monotonic()
+    stopped = pipeline.run(clip, Closing(), options, checkpoints=owner(a, job="job000000002", share=False))  # type: ignore[arg-type]
+    assert time.monotonic() - t < 5
+    assert all(c.status is ChunkStatus.FAILED and "shutting down" in (c.error or "") for c in stopped.chunks)
