@@ -13,9 +13,10 @@ Variants, interleaved round by round, each on a fresh spool:
   one-node-nockpt  one node, SMAPD_CHECKPOINTS=false: the checkpoints' overhead is the ratio of the two
   two-nodes        two nodes: the owner offers its chunks, the other one helps
   kill-owner       two nodes; the owner is killed (SIGKILL, daemon and workers) once 80% of the chunks
-                   have checkpoints; the other node takes the claim over when its lease (10 s here)
-                   runs out and resumes. Printed: the chunks in flight on the owner at the kill, and
-                   the chunks the takeover made (the target: no more than in flight + 1)
+                   have checkpoints; the other node makes the chunks on offer as a helper, then takes
+                   the claim over when its lease (30 s here, KILL_LEASE) runs out and resumes.
+                   Printed: the chunks in flight on the owner at the kill, and the chunks the
+                   takeover made (the target: no more than in flight + 1)
 
 Printed per variant: wall seconds, x real time, speed-up over one-node, chunks made by the helper,
 chunks resumed and redone, and the bytes the helper read from the spool per second of audio it
@@ -43,12 +44,13 @@ from testkit import Node, kill_all, speech_dir
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SMAPD_MODEL_CACHE", Path.home() / ".cache" / "smapd"))
 VARIANTS = ("one-node", "one-node-nockpt", "two-nodes", "kill-owner")
+KILL_LEASE = 30  # SMAPD_LEASE_SECONDS of kill-owner (the default is 120; the others use 10)
 
 
 def node_env(**extra: object) -> dict[str, str]:
+    settings: dict[str, object] = {"SMAPD_LEASE_SECONDS": 10, **extra}
     return tk.daemon_env(CACHE, MAX_PARALLEL_WORKERS=1, SMAPD_CPU_THREADS=1, SMAPD_LANGUAGE="en",
-                         SMAPD_FORMATS="txt,srt", SMAPD_RESCAN_SECONDS=1, SMAPD_SETTLE_SECONDS=0.5,
-                         SMAPD_LEASE_SECONDS=10, **extra)
+                         SMAPD_FORMATS="txt,srt", SMAPD_RESCAN_SECONDS=1, SMAPD_SETTLE_SECONDS=0.5, **settings)
 
 
 def done_chunks(spool: Path) -> list[Path]:
@@ -59,7 +61,9 @@ def run_variant(variant: str, wav: Path, work: Path) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=work))
     spool = root / "spool"
     spool.mkdir()
-    extra = {"SMAPD_CHECKPOINTS": "false"} if variant == "one-node-nockpt" else {}
+    extra: dict[str, object] = {"SMAPD_CHECKPOINTS": "false"} if variant == "one-node-nockpt" else {}
+    if variant == "kill-owner":
+        extra["SMAPD_LEASE_SECONDS"] = KILL_LEASE  # time for the helper to make what was on offer
     names = ["a"] if variant.startswith("one-node") else ["a", "b"]
     nodes = [Node(n, spool, root, node_env(**extra)) for n in names]
     try:
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         lf = tk.make_longform(clips, wav, seed=args.seed, repeat=max(1, math.ceil(args.minutes * 60 / 400)),
                               target_seconds=args.minutes * 60)
         print(f"long-form: {lf.duration:.0f} s of English speech (seed {args.seed}), {wav.stat().st_size:,} bytes; "
-              f"nodes of 1 worker x 1 thread; lease 10 s", flush=True)
+              f"nodes of 1 worker x 1 thread; lease 10 s ({KILL_LEASE} s in kill-owner)", flush=True)
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for r in range(args.rounds):
             for v in variants:

@@ -198,7 +198,8 @@ class NoCheckpoints:
 
 
 POLL_SECONDS = 1.0  # how often an owner looks for the chunks other nodes make
-OWN_AHEAD = 2  # the first chunks not yet started are the owner's next: never offered
+OWN_AHEAD = 2  # the first chunks not made yet (the one in flight, the next) are the owner's: never offered
+TAIL_CHUNKS = 10  # once no more chunks than this are left unoffered, all are offered (see ``top_up``)
 SHARE_RECHECK_SECONDS = 10.0  # how often a long job that no node could help asks again
 
 
@@ -271,6 +272,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
         return result
 
     unoffered: list[Chunk] = []  # sharing: chunks not offered yet (the last ones go first)
+    planned = [False]  # the plan is complete (the job's last chunks are known)
     topped = [0.0]
 
     def top_up() -> None:
@@ -288,7 +290,10 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
             if not sharing[0]:
                 return
             log.info("{}: another node is up; offering the chunks not started yet", job)
-        for _ in range(store.room()):
+        # The last TAIL_CHUNKS not offered go on offer at once: if the owner dies now, its helpers make
+        # them while its lease runs out, and the takeover makes little more than what was in flight.
+        tail = planned[0] and len(unoffered) <= TAIL_CHUNKS
+        for _ in range(len(unoffered) if tail else store.room()):
             if len(unoffered) <= OWN_AHEAD:
                 break
             chunk = unoffered.pop()
@@ -307,6 +312,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
         submit(chunk)
         unoffered.append(chunk)
         top_up()
+    planned[0] = True
     if plan is None:
         store.planned(chunks)
     timings["chunk_seconds"] = round(time.monotonic() - t1, 3)  # VAD and cutting, overlapped with decoding
