@@ -48,10 +48,6 @@ class Taken:
     node: str
     path: Path
 
-    @property
-    def name(self) -> str:
-        return self.path.name
-
 
 def taken_name(index: int, kind: str, n: int, node: str) -> str:
     return f"{index}.{kind}{n}.{node.encode('utf-8', 'surrogateescape').hex()}"
