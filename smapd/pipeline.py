@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from loguru import logger
 
 from smapd import audio, chunking
+from smapd.chunkstore import Checkpoints, NoCheckpoints
 from smapd.engine import SWITCH_PROBABILITY, SWITCH_SPEECH_SECONDS, DecodeOptions
 from smapd.models import Chunk, ChunkResult, ChunkStatus, Segment, Transcript, Word
 from smapd.pool import Pool
@@ -128,73 +129,6 @@ def _to_file_time(chunk: Chunk) -> Callable[[float], float]:
 def _shift(segment: Segment, convert: Callable[[float], float]) -> Segment:
     words = tuple(Word(convert(w.start), convert(w.end), w.text, w.probability) for w in segment.words)
     return Segment(convert(segment.start), convert(segment.end), segment.text, words)
-
-
-class Checkpoints(Protocol):
-    """Where a job's finished chunks are kept while it runs (issue 10; ``smapd.checkpoints`` keeps
-    them in the spool). The pipeline asks it what an earlier attempt or another node already made,
-    offers chunks to other nodes, takes a chunk before a slot makes it, and keeps every result."""
-
-    def saved_plan(self) -> list[Chunk] | None:
-        """The chunk plan an earlier attempt completed (the same cuts), or None."""
-
-    def saved(self) -> dict[int, ChunkResult]:
-        """Chunks already made (by an earlier attempt or a helper), by index."""
-
-    def planned(self, chunks: list[Chunk]) -> None:
-        """The plan is complete."""
-
-    def share(self, duration: float, chunk_seconds: float) -> bool:
-        """Whether this job's chunks are offered to other nodes."""
-
-    def room(self) -> int:
-        """How many more chunks to offer now (a few per helping node are kept on offer)."""
-
-    def offer(self, chunk: Chunk, window: np.ndarray, speech: tuple) -> None:
-        """Offer ``chunk`` to other nodes unless it is made or being made: ``window`` is its int16
-        samples, ``speech`` its speech spans in window time (what a helper hands its engine, exactly
-        as this node would)."""
-
-    def take(self, chunk: Chunk) -> bool:
-        """A slot of ours is about to make ``chunk``: False when another node has it."""
-
-    def save(self, result: ChunkResult) -> ChunkResult:
-        """Keep a chunk this node made; returns it marked with who made it."""
-
-    def arrived(self, pending: set[int]) -> tuple[list[ChunkResult], list[int]]:
-        """Of the chunks other nodes took: the results that arrived, and those to make here after all
-        (their helper died or gave up)."""
-
-
-class NoCheckpoints:
-    """``smapd transcribe``: nothing is kept, nothing shared."""
-
-    def saved_plan(self) -> list[Chunk] | None:
-        return None
-
-    def saved(self) -> dict[int, ChunkResult]:
-        return {}
-
-    def planned(self, chunks: list[Chunk]) -> None:
-        pass
-
-    def share(self, duration: float, chunk_seconds: float) -> bool:
-        return False
-
-    def room(self) -> int:
-        return 0
-
-    def offer(self, chunk: Chunk, window: np.ndarray, speech: tuple) -> None:
-        pass
-
-    def take(self, chunk: Chunk) -> bool:
-        return True
-
-    def save(self, result: ChunkResult) -> ChunkResult:
-        return result
-
-    def arrived(self, pending: set[int]) -> tuple[list[ChunkResult], list[int]]:
-        return [], []
 
 
 POLL_SECONDS = 1.0  # how often an owner looks for the chunks other nodes make

@@ -25,6 +25,7 @@ from loguru import logger
 
 from smapd import audio, pipeline, profiles, writers
 from smapd.checkpoints import SpoolCheckpoints, fingerprint
+from smapd.chunkstore import Checkpoints
 from smapd.engine import EngineSpec
 from smapd.errors import ClaimLost, ConfigError, PermanentJobError, TransientJobError
 from smapd.model import EMBEDDED, EMBEDDED_NAME, download_named, resolve_model, sha256_file
@@ -165,7 +166,7 @@ def _cpu_now() -> float:
 def execute(path: Path, pool: Pool, config: JobConfig, *, job: JobInfo | Mapping[str, Any],
             display_name: str | None = None, key: str | None = None,
             on_progress: Callable[[pipeline.Progress], None] | None = None,
-            checkpoints: Callable[[str | None], pipeline.Checkpoints | None] | None = None) -> JobResult:
+            checkpoints: Callable[[str | None], Checkpoints | None] | None = None) -> JobResult:
     """Transcribe ``path`` and render its outputs and report. Never raises for bad input.
 
     Args:
