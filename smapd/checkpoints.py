@@ -21,7 +21,7 @@ from loguru import logger
 
 from smapd.models import Chunk, ChunkResult, ChunkStatus
 from smapd.results import chunk_from_dict, chunk_to_dict, result_from_dict, result_to_dict
-from smapd.spool.chunks import HELPER, OWNER, JobChunks
+from smapd.spool.chunks import HELPER, OWNER, JobChunks, Taken
 
 RETRY_SECONDS = 30.0  # after a failed write, how long to go without checkpoints before trying again
 OFFERED_PER_PEER = 3  # chunks kept on offer per other live node: enough for its idle slots to take at once
@@ -103,9 +103,8 @@ class SpoolCheckpoints:
 
     def offer(self, chunk: Chunk, window: np.ndarray, speech: tuple) -> None:
         i = chunk.index
-        if self._broken or i in self._held or i in self.board.offered() or self.board.takers(i) \
-                or self.board.result(i) is not None:
-            return
+        if self._broken or i in self._held or i in self.board.offered() or self.board.takers(i):
+            return  # being made, or on offer already (a chunk with a result is never offered: see pipeline)
         try:
             self.board.offer(i, {"chunk": chunk_to_dict(chunk), "speech": [list(s) for s in speech]}, window)
         except OSError as e:
@@ -116,13 +115,16 @@ class SpoolCheckpoints:
         if i in self._held:
             return True  # a retry of a chunk we hold
         try:
-            if self.board.take(i, OWNER, self.attempt) is None:
-                if self.board.result(i) is not None or self._live_helper(i, self.board.clock.now()):
+            taken = self.board.take(i, OWNER, self.attempt) is not None
+            others = [t for t in self.board.takers(i) if not self._ours(t)]
+            if not taken:
+                if self.board.result(i) is not None or self._live_helper(others):
                     return False
                 self.board.mark(i, self.attempt)
         except OSError as e:
             self._failed("take a chunk", e)
-        if any(not self._ours(t) for t in self.board.takers(i)):
+            others = []
+        if others:  # a node that died (an earlier attempt, a helper past its lease) had started it
             self._redone.add(i)
         self._held.add(i)
         return True
@@ -141,7 +143,6 @@ class SpoolCheckpoints:
 
     def arrived(self, pending: set[int]) -> tuple[list[ChunkResult], list[int]]:
         came, redo = [], []
-        now = self.board.clock.now()
         for i in sorted(pending):
             data = self.board.result(i)
             if data is not None:
@@ -150,14 +151,19 @@ class SpoolCheckpoints:
                     continue
                 except (KeyError, TypeError, ValueError):
                     pass
-            if not self._live_helper(i, now):
+            if not self._live_helper(self.board.takers(i)):
                 redo.append(i)  # its helper died, stopped or gave up: make it here
         return came, redo
 
     # --- helpers ----------------------------------------------------------------------------------------
 
-    def _ours(self, t: Any) -> bool:
+    def _ours(self, t: Taken) -> bool:
         return t.kind == OWNER and t.n == self.attempt and t.node == self.board.node
 
-    def _live_helper(self, index: int, now: float) -> bool:
-        return any(t.kind == HELPER and self.board.live(t, now) for t in self.board.takers(index))
+    def _live_helper(self, takers: list[Taken]) -> bool:
+        """Whether a helper holds the chunk within its lease (the spool clock is read only if one might)."""
+        helpers = [t for t in takers if t.kind == HELPER]
+        if not helpers:
+            return False
+        now = self.board.clock.now()
+        return any(self.board.live(t, now) for t in helpers)

@@ -192,7 +192,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
                         duration=decoded.info.duration))
 
     saved, plan = store.saved(), store.saved_plan()
-    sharing = [store.share(decoded.info.duration, options.chunk_seconds), time.monotonic()]  # and when asked
+    shared = store.share(decoded.info.duration, options.chunk_seconds)
     results: dict[int, ChunkResult] = {}
     arrivals: queue.SimpleQueue[tuple[Chunk, ChunkResult | None]] = queue.SimpleQueue()
 
@@ -205,33 +205,7 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
             languages.add(result)  # at once: the chunks that start next have it as their prior
         return result
 
-    unoffered: list[Chunk] = []  # sharing: chunks not offered yet (the last ones go first)
-    planned = [False]  # the plan is complete (the job's last chunks are known)
-    topped = [0.0]
-
-    def top_up() -> None:
-        """Keep a few chunks on offer (``store.room``), so only what helpers make is written for them."""
-        while unoffered and unoffered[0].index in results:  # made by now: nobody needs it offered
-            unoffered.pop(0)
-        now = time.monotonic()
-        if len(unoffered) <= OWN_AHEAD or now - topped[0] < POLL_SECONDS:
-            return
-        topped[0] = now
-        if not sharing[0]:  # no other node was up when the job started: look again now and then
-            if now - sharing[1] < SHARE_RECHECK_SECONDS:
-                return
-            sharing[:] = [store.share(decoded.info.duration, options.chunk_seconds), now]
-            if not sharing[0]:
-                return
-            log.info("{}: another node is up; offering the chunks not started yet", job)
-        # The last TAIL_CHUNKS not offered go on offer at once: if the owner dies now, its helpers make
-        # them while its lease runs out, and the takeover makes little more than what was in flight.
-        tail = planned[0] and len(unoffered) <= TAIL_CHUNKS
-        for _ in range(len(unoffered) if tail else store.room()):
-            if len(unoffered) <= OWN_AHEAD:
-                break
-            chunk = unoffered.pop()
-            store.offer(chunk, *_window(chunk, lambda a, b: decoded.samples[int(a * audio.RATE):int(b * audio.RATE)]))
+    offers = _Offers(store, decoded, options, results, log, job, shared)
 
     t1 = time.monotonic()
     for chunk in plan if plan is not None else _plan(decoded, options):
@@ -244,15 +218,14 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
             languages.add(kept)
             continue
         submit(chunk)
-        unoffered.append(chunk)
-        top_up()
-    planned[0] = True
+        offers.add(chunk)
+    offers.planned = True
     if plan is None:
         store.planned(chunks)
     timings["chunk_seconds"] = round(time.monotonic() - t1, 3)  # VAD and cutting, overlapped with decoding
     speech = round(sum(_speech_seconds(c) for c in chunks), 3)
     log.info("{}: {:.1f} s of audio, {:.1f} s of speech in {} chunks{}", job, decoded.info.duration, speech,
-             len(chunks), ", offered to other nodes" if sharing[0] else "")
+             len(chunks), ", offered to other nodes" if offers.sharing else "")
     if results:
         makers = sorted({_maker(r) for r in results.values()})
         log.info("{}: resumed {} of {} chunks from checkpoints (made by {})", job, len(results), len(chunks),
@@ -268,21 +241,23 @@ def run(path: Path, pool: Pool, options: PipelineOptions, *, job: str | None = N
     by_index = {c.index: c for c in chunks}
     pending: set[int] = set()  # taken by other nodes: their results come through ``store``
     try:
+        polled = time.monotonic()
         while len(results) < len(chunks):
             try:
                 item: tuple[Chunk, ChunkResult | None] | None = arrivals.get(
-                    timeout=POLL_SECONDS if pending or len(unoffered) > OWN_AHEAD else None)
+                    timeout=POLL_SECONDS if pending or offers.waiting else None)
             except queue.Empty:
                 item = None
             if item is not None and item[1] is None:
                 pending.add(item[0].index)
             got = [store.save(item[1])] if item is not None and item[1] is not None else []
-            top_up()
-            if pending and getattr(pool, "closing", False):  # shutting down: stop waiting for other nodes
+            offers.top_up()
+            if pending and pool.closing:  # shutting down: stop waiting for other nodes
                 for index in sorted(pending):
-                    arrivals.put((by_index[index], _result(_cancelled_future(), by_index[index])))
+                    arrivals.put((by_index[index], _cancelled(by_index[index])))
                 pending.clear()
-            if pending:
+            if pending and time.monotonic() - polled >= POLL_SECONDS:  # look in the spool once a second
+                polled = time.monotonic()
                 came, redo = store.arrived(pending)
                 got += came
                 for r in came:
@@ -345,18 +320,66 @@ def _plan(decoded: audio.Decoded, options: PipelineOptions) -> Iterable[Chunk]:
     return chunking.silence_chunks(decoded.samples, options.chunk_seconds)
 
 
-def _cancelled_future() -> Future:
-    fut: Future = Future()
-    fut.cancel()
-    return fut
+def _cancelled(chunk: Chunk) -> ChunkResult:
+    """A chunk the pool never made because it was shutting down (daemon stop): a gap, not a crash."""
+    return ChunkResult(chunk=chunk, status=ChunkStatus.FAILED, attempts=0, seconds=0.0,
+                       error="cancelled: smapd was shutting down")
 
 
 def _result(fut: Future, chunk: Chunk) -> ChunkResult | None:
     """The chunk's result; None when another node makes it."""
-    if fut.cancelled():  # the pool is shutting down (daemon stop): a gap, not a crash
-        return ChunkResult(chunk=chunk, status=ChunkStatus.FAILED, attempts=0, seconds=0.0,
-                           error="cancelled: smapd was shutting down")
-    return fut.result()
+    return _cancelled(chunk) if fut.cancelled() else fut.result()
+
+
+class _Offers:
+    """Which of a job's chunks are offered to other nodes, and when (the job's side of sharing).
+
+    A few chunks are kept on offer (``store.room``), taken from the end of the file, so audio is
+    written mostly for chunks that helpers make; the owner's next ``OWN_AHEAD`` are never offered.
+    """
+
+    def __init__(self, store: Checkpoints, decoded: audio.Decoded, options: PipelineOptions,
+                 results: dict[int, ChunkResult], log: Any, job: str, sharing: bool) -> None:
+        self.store, self.decoded, self.options, self.results, self.log, self.job = (
+            store, decoded, options, results, log, job)
+        self.sharing, self.asked = sharing, time.monotonic()  # whether to offer, and when that was decided
+        self.unoffered: list[Chunk] = []  # not offered yet, in file order (the last ones go first)
+        self.planned = False  # the plan is complete (the job's last chunks are known)
+        self.topped = 0.0
+
+    @property
+    def waiting(self) -> bool:
+        """Chunks that may still be offered: the owner's loop wakes once a second for them."""
+        return len(self.unoffered) > OWN_AHEAD
+
+    def add(self, chunk: Chunk) -> None:
+        self.unoffered.append(chunk)
+        self.top_up()
+
+    def top_up(self) -> None:
+        """Offer what ``store.room`` allows, at most once every POLL_SECONDS."""
+        while self.unoffered and self.unoffered[0].index in self.results:  # made by now: nobody needs it
+            self.unoffered.pop(0)
+        now = time.monotonic()
+        if not self.waiting or now - self.topped < POLL_SECONDS:
+            return
+        self.topped = now
+        if not self.sharing:  # no other node was up when the job started: look again now and then
+            if now - self.asked < SHARE_RECHECK_SECONDS:
+                return
+            self.sharing, self.asked = self.store.share(self.decoded.info.duration, self.options.chunk_seconds), now
+            if not self.sharing:
+                return
+            self.log.info("{}: another node is up; offering the chunks not started yet", self.job)
+        # The last TAIL_CHUNKS not offered go on offer at once: if the owner dies now, its helpers make
+        # them while its lease runs out, and the takeover makes little more than what was in flight.
+        tail = self.planned and len(self.unoffered) <= TAIL_CHUNKS
+        samples = self.decoded.samples
+        for _ in range(len(self.unoffered) if tail else self.store.room()):
+            if not self.waiting:
+                break
+            chunk = self.unoffered.pop()
+            self.store.offer(chunk, *_window(chunk, lambda a, b: samples[int(a * audio.RATE):int(b * audio.RATE)]))
 
 
 def _log_result(log: Any, result: ChunkResult, total: int, done: int) -> None:

@@ -152,6 +152,8 @@ def test_prune_drops_checkpoints_a_day_old_that_no_claim_owns(tmp_path: Path) ->
 class Pool:
     """Answers at once, and counts what it was asked to make."""
 
+    closing = False  # smapd.pool.Pool.closing
+
     def __init__(self) -> None:
         self.made: list[int] = []
 

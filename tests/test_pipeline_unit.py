@@ -94,6 +94,8 @@ def test_window_joins_pieces_and_times_map_back_to_the_file() -> None:
 class FakePool:
     """``submit`` answers at once: the language comes from ``script(chunk, request)``."""
 
+    closing = False  # smapd.pool.Pool.closing
+
     def __init__(self, script: Any) -> None:
         self.script = script
         self.requests: list[tuple[int, TranscribeRequest]] = []

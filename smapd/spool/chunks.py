@@ -129,7 +129,7 @@ class JobChunks:
         fsio.atomic_write(self.todo_dir / str(index), fsio.json_bytes(record), self.layout.tmp, sync_dir=False)
 
     def offered(self) -> list[int]:
-        return sorted(int(p.name) for p in _listdir(self.todo_dir) if p.name.isdigit())
+        return _offered(self.dir)
 
     def take(self, index: int, kind: str, n: int) -> Path | None:
         """Take an offered chunk with one rename; None when it is not on offer (taken, done, never offered)."""
@@ -181,12 +181,9 @@ class JobChunks:
         return self._read(taken)
 
     def _read(self, p: Path) -> Any:
-        try:
-            data = p.read_bytes()
-            self.bytes_read += len(data)
-            return json.loads(data)
-        except (OSError, ValueError):
-            return None
+        data, size = _load(p)
+        self.bytes_read += size
+        return data
 
 
 def adopt(layout: Layout, job_id: str, digest: str, fingerprint: str, live: set[str]) -> bool:
@@ -195,7 +192,7 @@ def adopt(layout: Layout, job_id: str, digest: str, fingerprint: str, live: set[
     for d in _listdir(layout.chunks):
         if d.name in live or d.name == job_id:
             continue
-        record = _read_json(d / "job.json")
+        record = _load(d / "job.json")[0]
         if record and record.get("digest") == digest and record.get("fingerprint") == fingerprint:
             try:
                 os.rename(d, layout.chunks / job_id)
@@ -212,7 +209,7 @@ def offers(layout: Layout, skip: set[str]) -> Iterator[tuple[str, int]]:
     jobs = []
     for d in _listdir(layout.chunks):
         if d.name not in skip:
-            todo = sorted((int(p.name) for p in _listdir(d / "todo") if p.name.isdigit()), reverse=True)
+            todo = _offered(d)[::-1]
             if todo:
                 jobs.append((d.name, todo))
     for job_id, todo in sorted(jobs, key=lambda j: -len(j[1])):
@@ -227,8 +224,15 @@ def _listdir(d: Path) -> list[Path]:
         return []
 
 
-def _read_json(p: Path) -> Any:
+def _offered(job_dir: Path) -> list[int]:
+    """The indexes on offer in a job's folder, in order."""
+    return sorted(int(p.name) for p in _listdir(job_dir / "todo") if p.name.isdigit())
+
+
+def _load(p: Path) -> tuple[Any, int]:
+    """A JSON record and the bytes read for it; (None, 0) when it is missing or torn."""
     try:
-        return json.loads(p.read_bytes())
+        data = p.read_bytes()
+        return json.loads(data), len(data)
     except (OSError, ValueError):
-        return None
+        return None, 0
