@@ -10,6 +10,7 @@ answers ``Ready`` or ``Failed``; then each ``TranscribeRequest`` gets one
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import resource
@@ -127,6 +128,41 @@ def answer(engine: Any, request: TranscribeRequest) -> Reply:
         return Reply(error=f"{type(e).__name__}: {e}")
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt() parameters
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Set glibc malloc parameters; False where the C library is not glibc (nothing changes)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def one_arena() -> bool:
+    """All threads allocate from glibc's main arena; call before the model is loaded.
+
+    CTranslate2 decodes on a thread of its own, whose arena would hand every block over 64 MB
+    (each attention layer's 72 MB score buffer) to a fresh mmap() whatever ``keep_freed_memory``
+    says.
+    """
+    return _mallopt((_M_ARENA_MAX, 1))
+
+
+def keep_freed_memory() -> bool:
+    """Keep the memory CTranslate2 frees, so the next layer and chunk reuse it; call after the load.
+
+    By default each attention layer's 72 MB buffer is a fresh mmap() and every one of its pages
+    faults in again: ~127,000 page faults and ~0.29 s of system time per 30 s window, on top of
+    ~1.5 s of decoding. Without mmap() and trimming (and with ``one_arena``), measured on one
+    worker: 7 faults per window, a window ~20% faster, and a peak of 335 MB instead of 377 MB.
+    After the model load, not before: the loader's freed buffers would stay as holes in the heap
+    (a peak of 497 MB).
+    """
+    return _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30))
+
+
 def serve(rfd: int, wfd: int) -> None:
     """Build the engine from the first message, then answer requests until EOF."""
     from smapd.engine import FasterWhisperEngine
@@ -135,12 +171,15 @@ def serve(rfd: int, wfd: int) -> None:
     spec = recv(rfd)
     if spec is None:
         return
+    keep = one_arena()
     started = time.monotonic()
     try:
         engine = FasterWhisperEngine(spec)
     except SmapdError as e:
         send(wfd, Failed(str(e)))
         return
+    if keep:
+        keep_freed_memory()
     # One tiny decode now: CTranslate2 sets up its kernels on first use, which would otherwise
     # add a second or two to the first chunk of the first job.
     engine.detect_language(np.zeros(16000, dtype=np.float32))
