@@ -180,9 +180,9 @@ def serve(rfd: int, wfd: int) -> None:
         return
     if keep:
         keep_freed_memory()
-    # One tiny decode now: CTranslate2 sets up its kernels on first use, which would otherwise
-    # add a second or two to the first chunk of the first job.
-    engine.detect_language(np.zeros(16000, dtype=np.float32))
+    # No warm-up decode: one (an encoder pass on 1 s of silence) cost ~1.1 s of CPU per worker start
+    # and took only ~0.07 s off the first chunk, which still costs ~0.7 s more than the next one
+    # (measured in one process, 2 pairs); without it `smapd transcribe` took 0.92x the wall time.
     send(wfd, Ready(os.getpid(), time.monotonic() - started))
     while True:
         request = recv(rfd)
