@@ -26,10 +26,13 @@ class Decoded:
     info: AudioInfo
     warning: str | None = None  # decoding stopped early (truncated / corrupt tail)
 
+    def int16(self, start: float, end: float) -> np.ndarray:
+        """The samples between two times (seconds), as they are (a view)."""
+        return self.samples[int(start * RATE):int(end * RATE)]
+
     def float32(self, start: float, end: float) -> np.ndarray:
         """The samples between two times (seconds) as float32 in [-1, 1]."""
-        a, b = int(start * RATE), int(end * RATE)
-        return self.samples[a:b].astype(np.float32) / 32768.0
+        return self.int16(start, end).astype(np.float32) / 32768.0
 
 
 def _open_error(path: Path, e: Exception) -> PermanentJobError:

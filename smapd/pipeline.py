@@ -374,12 +374,11 @@ class _Offers:
         # The last TAIL_CHUNKS not offered go on offer at once: if the owner dies now, its helpers make
         # them while its lease runs out, and the takeover makes little more than what was in flight.
         tail = self.planned and len(self.unoffered) <= TAIL_CHUNKS
-        samples = self.decoded.samples
         for _ in range(len(self.unoffered) if tail else self.store.room()):
             if not self.waiting:
                 break
             chunk = self.unoffered.pop()
-            self.store.offer(chunk, *_window(chunk, lambda a, b: samples[int(a * audio.RATE):int(b * audio.RATE)]))
+            self.store.offer(chunk, *_window(chunk, self.decoded.int16))
 
 
 def _log_result(log: Any, result: ChunkResult, total: int, done: int) -> None:
