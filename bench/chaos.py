@@ -35,7 +35,10 @@ such a node at least once. While a big job is in flight they are aimed at it: th
 it begins (and most later ones) hits its owner (the node its claim in processing/ names) or one of
 its helpers (a node with a ``taken/<i>.h<pid>.<hex(node)>`` entry in ``.smapd/chunks/<job>/`` whose
 chunk has no ``done/<i>.json`` yet); with ``--require-shared kill,stop`` each of those kinds must
-hit an owner or helper of a shared job mid-job. A fault aimed at a shared job may also be a full
+hit an owner or helper of a shared job mid-job, and while one of them is still owed and a big file
+is in flight no fault is done until its owner or a helper is seen (an unaimed stop, a lease and
+more, could span the whole shared job). If one is never hit, the problem line gives each big
+file's life: dropped, owner and helpers seen, done, and the faults during it. A fault aimed at a shared job may also be a full
 disk or a read-only outbox/ (its checkpoints, offers, helpers' results and publishing fail); those
 count as hitting a shared job when one is in flight.
 
@@ -116,6 +119,9 @@ class Drop:
     big: bool = False  # a recording of a few minutes: its chunks are shared (issue 10)
     dropped_at: float = 0.0
     done_at: float | None = None
+    # big: when the monitor first and last saw a node own or help its job, and which nodes
+    roles_seen: tuple[float, float] | None = None
+    role_nodes: set[str] = field(default_factory=set)
 
 
 def make_pieces(rng: random.Random, work: Path, count: int, d: Path) -> list[Path]:
@@ -448,10 +454,17 @@ def monitor(run: Run) -> None:
     """Stamp each input's finishing time and each fault's recovery time; record the claims seen."""
     while not run.stop_all.is_set():
         run.note_claims()
-        if any(name not in run.aimed for rs in run.shared_roles().values() for _, name in rs):
+        roles = run.shared_roles()
+        now = time.monotonic()
+        for node, rs in roles.items():
+            for r, name in rs:
+                d = run.drops.get(name)
+                if d is not None:
+                    d.roles_seen = (d.roles_seen or (now, now))[0], now
+                    d.role_nodes.add(f"{r} {node}")
+        if any(name not in run.aimed for rs in roles.values() for _, name in rs):
             run.aim.set()  # harm: a shared job began that no fault has aimed at yet
         done = run.sp.finished()
-        now = time.monotonic()
         for name in done:
             d = run.drops.get(name)
             if d is not None and d.done_at is None:
@@ -488,6 +501,11 @@ def harm(run: Run) -> None:
         fresh = [n for n in targets if any(name not in run.aimed for _, name in roles[n.name])]
         targets = fresh or targets
         helpers = [n for n in targets if any(r == "helper" for r, _ in roles[n.name])]
+        if not targets and unmet_shared(run) and any(d.big and d.done_at is None for d in run.drops.values()):
+            # a big file is in flight and a kind is owed to a shared job: an unaimed fault now (a stop
+            # lasts a lease and more) could span the whole of the job, so keep the harm for it
+            run.aim.wait(0.5)
+            continue
         aimed = False
         owed = [k for k in unmet_shared(run) + unmet(run) if k in ("kill", "stop")]
         if targets and len(live) >= 2 and (fresh or owed or rng.random() < 0.6):
@@ -685,7 +703,7 @@ def check(run: Run) -> dict:
         problems.append(f"required faults never hit a node holding claims: {', '.join(missing)}")
     if unmet_shared(run):
         problems.append(f"required faults never hit an owner or helper of a shared job mid-job: "
-                        f"{', '.join(unmet_shared(run))}")
+                        f"{', '.join(unmet_shared(run))} ({'; '.join(big_timeline(run))})")
     problems += [f"big file {line}" for line in bigs if not line.startswith("ok ")]
     shared_hit = Counter(f"{f.kind} {r}" for f in run.faults if hit_shared(f) for r in {r for r, _ in f.shared})
     shared_hit.update(f.kind for f in run.faults if hit_shared(f) or (f.kind in ("full", "ro") and f.shared))
@@ -709,6 +727,25 @@ def check(run: Run) -> dict:
         "big_ok": big_ok,
         "shared_hit": shared_hit,
     }
+
+
+def big_timeline(run: Run) -> list[str]:
+    """Each big file's life as the monitor saw it, in seconds from the first drop: dropped, its
+    owner and helpers seen (from - to), done; and the faults that overlapped it."""
+    t0 = min((d.dropped_at for d in run.drops.values() if d.dropped_at), default=0.0)
+    out = []
+    for name, d in run.drops.items():
+        if not d.big:
+            continue
+        end = d.done_at if d.done_at is not None else float("inf")
+        seen = (f"seen {d.roles_seen[0] - t0:.0f}-{d.roles_seen[1] - t0:.0f} s ({', '.join(sorted(d.role_nodes))})"
+                if d.roles_seen else "no owner or helper seen")
+        during = [f"{i + 1} {f.kind}" for i, f in enumerate(run.faults)
+                  if f.started < end and (f.ended or float("inf")) > d.dropped_at]
+        out.append(f"{name}: dropped {d.dropped_at - t0:.0f} s, {seen}, "
+                   f"done {'never' if d.done_at is None else f'{d.done_at - t0:.0f} s'}, "
+                   f"faults during it: {', '.join(during) or 'none'}")
+    return out
 
 
 def big_check(name: str, one: tuple[str, dict] | None, once: bool) -> tuple[bool, str]:
