@@ -236,24 +236,36 @@ def _no_speech(signals: DecodeSignals) -> bool:
 
 def _uncovered_speech(words: list[Word], speech: tuple[tuple[float, float], ...],
                       duration: float) -> tuple[float, float] | None:
-    """The longest stretch of VAD speech (>= 1 s) that no word covers, widened to word boundaries."""
+    """The stretch of VAD speech that no word covers (>= 1 s in all), widened to word boundaries.
+
+    Uncovered bits with no word between them are one stretch: a decoder that stopped early left
+    all of them, and one re-decode from its last word gets them all (each is a full encoder pass).
+    Of several such stretches, the one with the most uncovered speech."""
     covered = [(w.start - 0.4, w.end + 0.4) for w in words]
-    best: tuple[float, float] | None = None
+    bits: list[tuple[float, float]] = []  # uncovered speech, in time order
     for s, e in speech:
         t = s
         for cs, ce in covered:  # words are in time order
             if ce <= t or cs >= e:
                 continue
-            if cs > t and (best is None or cs - t > best[1] - best[0]):
-                best = (t, cs)
+            if cs > t:
+                bits.append((t, cs))
             t = max(t, ce)
-        if e > t and (best is None or e - t > best[1] - best[0]):
-            best = (t, e)
-    if best is None or best[1] - best[0] < 1.0:
+        if e > t:
+            bits.append((t, e))
+    groups: list[list[tuple[float, float]]] = []
+    for a, b in bits:
+        if groups and not any(groups[-1][-1][1] <= w.start and w.end <= a for w in words):
+            groups[-1].append((a, b))
+        else:
+            groups.append([(a, b)])
+    best = max(groups, key=lambda g: sum(b - a for a, b in g), default=None)
+    if best is None or sum(b - a for a, b in best) < 1.0:
         return None
-    before = [w.end for w in words if w.end <= best[0] + 0.4]
-    after = [w.start for w in words if w.start >= best[1] - 0.4]
-    return (max(before[-1] if before else 0.0, best[0] - 0.3), min(after[0] if after else duration, duration))
+    first, last = best[0][0], best[-1][1]
+    before = [w.end for w in words if w.end <= first + 0.4]
+    after = [w.start for w in words if w.start >= last - 0.4]
+    return (max(before[-1] if before else 0.0, first - 0.3), min(after[0] if after else duration, duration))
 
 
 def _clamp_long_words(words: list[Word]) -> list[Word]:
