@@ -204,6 +204,8 @@ class FasterWhisperEngine:
                 break
         assert best is not None
         _, tokens, signals = best
+        # Every rung looped (a voice drowned in echo, music): keep the text before the loop.
+        tokens = tokens[:_loop_start(tokens)] if best[0] == -1e9 else tokens
         if not tokens:
             return [], "", signals
         alignment = self.model.find_alignment(tokenizer, [tokens], encoder_output, frames)[0]
@@ -220,13 +222,20 @@ def _stutters(tokens: list[int], times: int = 6, period: int = 8) -> bool:
     Such a loop inside otherwise good text keeps the whole window's compression ratio under
     Whisper's 2.4, so it would be kept; a fallback decode usually gets past it.
     """
+    return _loop_start(tokens, times, period) is not None
+
+
+def _loop_start(tokens: list[int], times: int = 6, period: int = 8) -> int | None:
+    """Where the first such run begins to repeat (its pattern said once is kept), or None."""
+    first: int | None = None
     for p in range(1, period + 1):
         run = 0
         for i in range(p, len(tokens)):
             run = run + 1 if tokens[i] == tokens[i - p] else 0
             if run >= max(10, p * (times - 1)):
-                return True
-    return False
+                first = min(first if first is not None else i, i - run + 1)
+                break
+    return first
 
 
 def _no_speech(signals: DecodeSignals) -> bool:

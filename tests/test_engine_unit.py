@@ -1,7 +1,7 @@
 """The engine's own logic on hand-made words and VAD spans (no model): which stretch is re-decoded."""
 from __future__ import annotations
 
-from smapd.engine import _uncovered_speech
+from smapd.engine import _loop_start, _uncovered_speech
 from smapd.models import Word
 
 
@@ -28,3 +28,11 @@ def test_less_than_a_second_of_uncovered_speech_is_not_worth_a_window() -> None:
     assert _uncovered_speech(words, ((0.5, 8.0), (9.0, 9.8)), 10.0) is None
     assert _uncovered_speech(words, ((0.5, 8.0), (9.0, 10.0)), 10.0) == (8.7, 10.0)
     assert _uncovered_speech([], (), 10.0) is None
+
+
+def test_a_loop_that_every_fallback_repeats_is_cut_where_it_starts_to_repeat() -> None:
+    text = [11, 12, 13]
+    assert _loop_start(text + [7, 8] * 12 + [4]) == 5  # "... or, or, or, ..." keeps one "or,"
+    assert _loop_start([5] * 20) == 1
+    assert _loop_start(list(range(40))) is None
+    assert _loop_start(text + [7, 8] * 4 + text) is None  # said four times is speech, not a loop
