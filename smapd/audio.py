@@ -168,5 +168,6 @@ def level_speech(samples: np.ndarray, *, target: float = 0.05, max_gain: float =
     centers = (np.arange(n) + 0.5) * step
     for start in range(0, len(samples), block):
         part = samples[start:start + block]
-        g = np.interp(np.arange(start, start + len(part), dtype=np.float32), centers, gain).astype(np.float32)
+        # positions as float64: a float32 arange from 2**24 samples on (17.5 min) repeats its start
+        g = np.interp(np.arange(start, start + len(part), dtype=np.float64), centers, gain).astype(np.float32)
         samples[start:start + len(part)] = np.clip(part.astype(np.float32) * g, -32768, 32767).astype(np.int16)

@@ -89,6 +89,23 @@ def test_level_speech_raises_quiet_parts_only():
     assert np.abs(samples[audio.RATE * 2 + 12000:audio.RATE * 3]).max() == 0, "digital silence stays silent"
 
 
+def test_level_speech_levels_the_end_of_a_long_file_too():
+    """Past 2**24 samples (17.5 min) a float32 arange of positions repeats its start: every 60 s
+    block then got the gain of its first sample, so the quiet speakers of the rest of a 1-hour
+    recording were left at -64 dBFS and the VAD and the decoder lost them."""
+    rate, minutes = audio.RATE, 19
+    samples = np.zeros(rate * 60 * minutes, np.int16)
+    t = np.arange(rate * 2) / rate
+    quiet = (0.001 * np.sin(2 * np.pi * 220 * t) * 32767).astype(np.int16)
+    at = rate * 60 * minutes - rate * 40  # 18 min 20 s: inside the block that starts at 18 min
+    samples[at:at + len(quiet)] = quiet
+    block = rate * 60 * 18  # where the leveler's 60 s block begins: loud there (a gain of 1)
+    samples[block - rate:block + rate] = (0.3 * np.sin(2 * np.pi * 220 * np.arange(2 * rate) / rate) * 32767).astype(np.int16)
+    audio.level_speech(samples)
+    middle = samples[at + rate // 2:at + rate * 3 // 2]
+    assert np.abs(middle).max() > 20 * np.abs(quiet).max(), np.abs(middle).max()
+
+
 # --- settings ------------------------------------------------------------------------------------
 
 @pytest.fixture
