@@ -9,6 +9,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,12 +131,23 @@ def decode(path: Path, *, max_seconds: float = float("inf")) -> Decoded:
             if warning:
                 raise PermanentJobError(f"no audio could be decoded ({warning.split(': ', 1)[1]})")
             raise PermanentJobError("the file contains no audio samples")
+        declared = _declared_seconds(stream, container)
+        if warning is None and declared and n / RATE < declared - max(1.0, 0.1 * declared):
+            # A cut MP3 ends cleanly where its bytes end; only its header says there was more.
+            warning = f"decoding stopped at {n / RATE:.1f} s, but the file declares {declared:.1f} s (cut short?)"
     samples = buf[:n] if n > len(buf) // 2 else buf[:n].copy()
     if not samples.flags.writeable:
         samples = samples.copy()
     info = AudioInfo(duration=n / RATE, sample_rate=info.sample_rate, channels=info.channels,
                      codec=info.codec, container=info.container)
     return Decoded(samples=samples, info=info, warning=warning)
+
+
+def _declared_seconds(stream: Any, container: Any) -> float:
+    """The audio track's length as the file's headers state it (0.0 when they do not)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return float(container.duration) / 1e6 if container.duration else 0.0
 
 
 # --- loudness ----------------------------------------------------------------------------------
