@@ -101,8 +101,10 @@ def test_hook_gets_each_hostile_name_as_one_argument_and_metrics_count_the_jobs(
     def counted() -> bool:  # the metrics file is written every SMAPD_METRICS_SECONDS: the last hook's
         # result may reach it one write after the jobs do (a CI run read 3 hooks where 4 had run)
         s = samples(prom.read_text()) if prom.exists() else {}
-        return s.get(("smapd_jobs_total", (("node", "ops-1"), ("outcome", "success")))) == 3 \
-            and s.get(("smapd_hooks_total", (("node", "ops-1"), ("result", "ok")))) == 4
+        n = (("node", "ops-1"),)
+        return s.get(("smapd_jobs_total", (*n, ("outcome", "success")))) == 3 \
+            and s.get(("smapd_jobs_total", (*n, ("outcome", "failed")))) == 1 \
+            and s.get(("smapd_hooks_total", (*n, ("result", "ok")))) == 4
     assert tk.wait_for(counted, 15), prom.read_text() if prom.exists() else "no metrics file"
     text = prom.read_text()
     assert promtool_check(text.encode()) == ""
