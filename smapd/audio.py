@@ -95,9 +95,9 @@ def decode(path: Path, *, max_seconds: float = float("inf")) -> Decoded:
         ctx = stream.codec_context
         info = AudioInfo(duration=0.0, sample_rate=int(ctx.sample_rate or 0), channels=int(ctx.channels or 0),
                          codec=str(ctx.name), container=str(container.format.name))
-        # Pre-size the buffer from the container's claim, capped: a tiny file may claim days.
-        claimed = float(container.duration or 0) / 1e6 if container.duration else 0.0
-        cap = min(claimed if claimed > 0 else 600.0, max_seconds if max_seconds < float("inf") else 4 * 3600)
+        # Pre-size the buffer from the headers' claim, capped: a tiny file may claim days.
+        declared = _declared_seconds(stream, container)
+        cap = min(declared if declared > 0 else 600.0, max_seconds if max_seconds < float("inf") else 4 * 3600)
         buf = np.empty(int(cap * RATE) + RATE, dtype=np.int16)
         n = 0
         warning = None
@@ -131,7 +131,6 @@ def decode(path: Path, *, max_seconds: float = float("inf")) -> Decoded:
             if warning:
                 raise PermanentJobError(f"no audio could be decoded ({warning.split(': ', 1)[1]})")
             raise PermanentJobError("the file contains no audio samples")
-        declared = _declared_seconds(stream, container)
         if warning is None and declared and n / RATE < declared - max(1.0, 0.1 * declared):
             # A cut MP3 ends cleanly where its bytes end; only its header says there was more.
             warning = f"decoding stopped at {n / RATE:.1f} s, but the file declares {declared:.1f} s (cut short?)"

@@ -197,15 +197,16 @@ class FasterWhisperEngine:
                                     beam_size=beam)
             if _no_speech(signals):
                 return [], "", signals  # Whisper's own silence rule: no speech, say nothing
-            looping = ratio > 2.4 or _stutters(tokens)
-            if best is None or (not looping and avg_logprob > best[0]):
-                best = (avg_logprob if not looping else -1e9, tokens, signals)
+            loop = _loop_start(tokens)
+            looping = ratio > 2.4 or loop is not None
+            if best is None or (not looping and (best[3] or avg_logprob > best[0])):
+                best = (avg_logprob, tokens, signals, looping, loop)
             if not looping and avg_logprob >= LOGPROB_FLOOR:
                 break
         assert best is not None
-        _, tokens, signals = best
+        _, tokens, signals, looped, loop = best
         # Every rung looped (a voice drowned in echo, music): keep the text before the loop.
-        tokens = tokens[:_loop_start(tokens)] if best[0] == -1e9 else tokens
+        tokens = tokens[:loop] if looped else tokens
         if not tokens:
             return [], "", signals
         alignment = self.model.find_alignment(tokenizer, [tokens], encoder_output, frames)[0]
@@ -216,17 +217,13 @@ class FasterWhisperEngine:
         return words, tokenizer.decode(tokens), signals
 
 
-def _stutters(tokens: list[int], times: int = 6, period: int = 8) -> bool:
-    """A run of one short token pattern repeated ``times`` times ("r-r-r-r-...", "or, or, or, ...").
+def _loop_start(tokens: list[int], times: int = 6, period: int = 8) -> int | None:
+    """Where a run of one short token pattern repeated ``times`` times ("r-r-r-r-...", "or, or, or,
+    ...") begins to repeat (its pattern said once is kept), or None if there is none.
 
     Such a loop inside otherwise good text keeps the whole window's compression ratio under
     Whisper's 2.4, so it would be kept; a fallback decode usually gets past it.
     """
-    return _loop_start(tokens, times, period) is not None
-
-
-def _loop_start(tokens: list[int], times: int = 6, period: int = 8) -> int | None:
-    """Where the first such run begins to repeat (its pattern said once is kept), or None."""
     first: int | None = None
     for p in range(1, period + 1):
         run = 0
