@@ -175,7 +175,7 @@ class FasterWhisperEngine:
         previous = tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
         prompt = self.model.get_prompt(tokenizer, previous, without_timestamps=True, hotwords=options.hotwords)
         suppress = get_suppressed_tokens(tokenizer, (-1,))
-        best: tuple[float, list[int], DecodeSignals] | None = None
+        best: tuple[float, list[int], DecodeSignals, bool, int | None] | None = None  # score, tokens, signals, looped, loop start
         # Whisper's temperature fallback, thinned (each rung is a full decode): re-decode when the
         # text loops or is improbable.
         rungs: list[tuple[int, float]] = [(options.beam_size, 0.0), (1, 0.4), (1, 0.8)]
