@@ -431,15 +431,20 @@ def _drop_file(run: Run, src: Path, d: Drop, in_place: bool) -> None:
     inbox = run.spool / "inbox"
     data = src.read_bytes()
     if in_place and data:
+        # A write that fails (the spool is full) unlinks the file before closing it: its close-write
+        # would tell the daemon that a (half-written) file is ready, and it would take it as a drop.
+        fd = os.open(inbox / d.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            with open(inbox / d.name, "wb") as f:
-                for k in range(3):
-                    f.write(data[k * len(data) // 3 : (k + 1) * len(data) // 3])
-                    f.flush()
-                    time.sleep(0.3)
+            for k in range(3):
+                piece = memoryview(data)[k * len(data) // 3 : (k + 1) * len(data) // 3]
+                while piece:
+                    piece = piece[os.write(fd, piece):]
+                time.sleep(0.3)
         except OSError:
             (inbox / d.name).unlink(missing_ok=True)  # nothing half-written stays behind
             raise
+        finally:
+            os.close(fd)
         return
     tmp = inbox / f".{d.name}.part"
     try:
