@@ -77,6 +77,27 @@ def test_fixed_chunks_are_smap_cuts():
     assert [(c.start, c.end) for c in chunking.fixed_chunks(65.0, 30.0)] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
 
 
+def test_decode_takes_16k_mono_pcm_as_it_is_and_resamples_the_rest(tmp_path):
+    """A 16 kHz mono int16 WAV (what smapd and most recorders for speech write) is taken sample
+    for sample without the resampler; other rates and layouts are still resampled to it."""
+    import wave
+
+    import testkit as tk
+
+    rng = np.random.default_rng(3)
+    x = 0.2 * rng.standard_normal(audio.RATE * 7)
+    plain = tk.write_wav(tmp_path / "plain.wav", x)
+    with wave.open(str(plain)) as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16)
+    assert np.array_equal(audio.decode(plain).samples, pcm)
+    stereo = tk.write_wav(tmp_path / "stereo.wav", np.stack([x, x], axis=1), rate=44100)
+    d = audio.decode(stereo)
+    seconds = len(x) / 44100
+    assert abs(len(d.samples) / audio.RATE - seconds) < 0.01, "44.1 kHz resampled to 16 kHz"
+    assert 0.5 < np.abs(d.samples).astype(float).mean() / np.abs(pcm).astype(float).mean() < 2
+    assert d.info.sample_rate == 44100 and d.info.channels == 2
+
+
 def test_level_speech_raises_quiet_parts_only():
     t = np.arange(audio.RATE * 4) / audio.RATE
     loud = (0.3 * np.sin(2 * np.pi * 220 * t[:audio.RATE * 2]) * 32767).astype(np.int16)
