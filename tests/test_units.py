@@ -5,11 +5,13 @@ import itertools
 import multiprocessing
 import os
 import shutil
+import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import testkit as tk
 from smapd import audio, chunking
 from smapd.errors import ConfigError, ModelError
 from smapd.model import MODEL_BIN_SIZE, ensure_embedded, verify_embedded
@@ -80,10 +82,6 @@ def test_fixed_chunks_are_smap_cuts():
 def test_decode_takes_16k_mono_pcm_as_it_is_and_resamples_the_rest(tmp_path):
     """A 16 kHz mono int16 WAV (what smapd and most recorders for speech write) is taken sample
     for sample without the resampler; other rates and layouts are still resampled to it."""
-    import wave
-
-    import testkit as tk
-
     rng = np.random.default_rng(3)
     x = 0.2 * rng.standard_normal(audio.RATE * 7)
     plain = tk.write_wav(tmp_path / "plain.wav", x)
